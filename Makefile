@@ -1,0 +1,48 @@
+# Two entry points for users: `make pretrain` and `make test`; `make bench` for kernel engineers.
+# Everything installs into $(VENV); torch comes from the CPU build on this machine's
+# disk (pip install torch==2.13.0) unless a torch is already present, never a CUDA build by accident.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+export MAX_JOBS ?= 2
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv install test ctest pytest bench-smoke bench pretrain clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+venv: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_SPEC)
+
+install: venv
+	$(PIP) install --quiet setuptools wheel
+	$(PIP) install --quiet --no-build-isolation -e ".[test,bench,train]"
+
+# C++ unit tests of the host-device headers (CTest) and an nvcc compile check of every .cu file.
+ctest: install
+	@mkdir -p build
+	$(VENV)/bin/cmake -S . -B build/cmake -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
+	cd build/cmake && ctest --output-on-failure
+
+# Triton kernels run through the interpreter on the CPU. pytest exits 5 when it
+# collects no test, which make treats as the failure it is.
+pytest: install
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+
+# Every benchmark executes once (no timing) so that they cannot rot.
+bench-smoke: install
+	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
+
+test: ctest pytest bench-smoke
+
+bench: install
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build *.egg-info tcm_kernels/*.so

@@ -1,0 +1,1 @@
+"""Public ops: checks, back-end choice, autograd and fake implementations."""

@@ -1,0 +1,51 @@
+"""Helpers shared by the op tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tcm_kernels import _backend
+
+# Back ends under test, each skipped with the reason it cannot run here.
+_NOT_BUILT = "compiled kernels not built (tcm_kernels._C missing this op)"
+
+
+def backend_param(op: str, backend: str):
+    """pytest.param for ``backend`` of ``op`` with a skip mark when it cannot run on this machine."""
+    marks = []
+    if backend == "cpu" and not _backend.compiled_available(op, "cpu"):
+        marks.append(pytest.mark.skip(reason=_NOT_BUILT))
+    if backend == "triton" and not _backend.triton_available():
+        marks.append(pytest.mark.skip(reason="triton not installed"))
+    if backend == "cuda":
+        marks.append(pytest.mark.gpu)
+        if torch.cuda.is_available() and not _backend.compiled_available(op, "cuda"):
+            marks.append(pytest.mark.skip(reason="extension built without CUDA"))
+    return pytest.param(backend, marks=marks, id=backend)
+
+
+def device_for(backend: str) -> torch.device:
+    if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
+                         name: str = "") -> None:
+    """torch.testing.assert_close, but report how many elements differ and the first few."""
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        pairs = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements differ "
+                             f"(atol={atol}, rtol={rtol}); first: {pairs}; "
+                             f"max abs diff {(actual - expected).abs().max().item():.3e}")
+
+
+def max_err_vs_oracle(fn, inputs_fp64, dtype):
+    """flash-attention rule helper: max |fn(x in dtype) - fn(x in fp64)|."""
+    oracle = fn(*inputs_fp64)
+    low = fn(*[t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs_fp64])
+    return (low.double() - oracle).abs().max().item()
