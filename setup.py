@@ -29,7 +29,7 @@ def _extension():
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
-        extra["nvcc"] = ["-O3", "--fmad=false", "-DTCM_WITH_CUDA"]
+        extra["nvcc"] = ["-O3", "--fmad=false", "--expt-relaxed-constexpr", "-DTCM_WITH_CUDA"]
         cxx.append("-DTCM_WITH_CUDA")
         ext_cls = cpp_extension.CUDAExtension
     else:
