@@ -17,7 +17,6 @@ import pathlib
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import tcm_kernels
@@ -118,8 +117,8 @@ class Trainer:
             kw = dict(roi_threshold=cfg.roi_threshold, roi_mask_ratio=cfg.roi_mask_ratio)
             out1 = self.model(images, self._mask(scores, "stratified", ratio, 2 * step, **kw))
             out2 = self.model(images, self._mask(scores, "stratified", ratio, 2 * step + 1, **kw))
-            z1, z2 = F.normalize(self.head(out1.embedding), dim=1), F.normalize(self.head(out2.embedding), dim=1)
-            contrastive = tcm_kernels.info_nce(z1, z2, temperature=cfg.temperature)
+            contrastive = tcm_kernels.info_nce(self.head(out1.embedding), self.head(out2.embedding),
+                                               temperature=cfg.temperature, normalize=True)
             recon = 0.5 * (out1.loss + out2.loss)
             return {"loss": recon + cfg.contrastive_weight * contrastive, "recon": recon, "contrastive": contrastive}
         if cfg.method == "anatomask":
@@ -127,15 +126,27 @@ class Trainer:
             visible = self._mask(scores, "hardest", ratio, 2 * step, hard_fraction=cfg.hard_fraction_at(step))
             out = self.model(images, visible)
             return {"loss": out.loss, "recon": out.loss, "contrastive": zero}
-        # amlp: difficulty-weighted sampling, attention-weighted reconstruction, ratio ramp
-        scores = self._per_patch_difficulty(self.model, images, step)
-        visible = self._mask(scores + 1e-6, "weighted", ratio, 2 * step)
+        # amlp: cluster- and difficulty-guided sampling, attention-weighted reconstruction, ratio ramp
+        visible = self._mask(self._cluster_scores(images, step), "weighted", ratio, 2 * step)
         out = self.model(images, visible)
         masked = (~visible).to(out.per_patch.dtype)
         difficulty = out.per_patch.detach() * masked
         weight = 1 + difficulty / difficulty.sum().div(masked.sum()).clamp_min(1e-12)
         recon = (weight * out.per_patch * masked).sum() / (weight * masked).sum()
         return {"loss": recon, "recon": recon, "contrastive": zero}
+
+    def _cluster_scores(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """AMLP: k-means of patch descriptors into lesion/background, blended with reconstruction difficulty."""
+        from ..localize import ClusterGuide
+
+        difficulty = self._per_patch_difficulty(self.model, images, step)
+        maps = []
+        for i in range(images.shape[0]):
+            guide = ClusterGuide(self.model.patch_size, patch_loss=lambda _img, row=difficulty[i]: row,
+                                 seed=self.cfg.seed)
+            maps.append(guide(images[i, 0]))
+        scores = tcm_kernels.patch_scores(torch.stack(maps)[:, None], self.model.patch_size, reduce="mean")
+        return scores + 1e-6  # every patch stays eligible
 
     # ------------------------------------------------------------------ state
 
