@@ -60,3 +60,36 @@ def test_cli(tmp_path, capsys):
     assert main(["--no-progress", "method=spark", f"out_dir={tmp_path}", *[f"{k}={v}" for k, v in TINY.items()],
                  "steps=2"]) == 0
     assert "checkpoint:" in capsys.readouterr().out
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, method: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = PretrainConfig(method=method, out_dir=out_dir, **{**TINY, "steps": 2})
+        trainer = Trainer(cfg)
+        trainer.train(progress=False)
+        torch.save(trainer.model.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["spark", "tcm"])
+def test_ddp_two_processes_gloo(tmp_path, method):
+    """torchrun-style DDP on CPU: both ranks end with identical weights (averaged gradients, synced BN)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), method), nprocs=2, join=True,
+                       start_method="spawn")
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    assert len(_losses(tmp_path)) == 2  # rank 0 logged both steps

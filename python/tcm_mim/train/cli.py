@@ -3,13 +3,22 @@
 Examples::
 
     tcm-pretrain method=spark steps=100
-    tcm-pretrain --config configs/tcm_chest_ct.yaml lr=1e-3 --resume
+    tcm-pretrain --config configs/pretrain_tcm.yaml lr=1e-3 --resume
+    torchrun --nproc_per_node=2 -m tcm_mim.train.cli --config configs/pretrain_tcm.yaml
+
+Under torchrun every rank trains on its own items of the stream, gradients are averaged
+(DDP), the sparse batch norms synchronise their statistics and the InfoNCE negatives
+are gathered from all ranks; rank 0 writes logs and checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import torch
+import torch.distributed as dist
 
 from .config import load_config
 from .trainer import Trainer
@@ -24,9 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. method=spark steps=50")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
-    ckpt = trainer.train(resume=args.resume, progress=not args.no_progress)
-    print(f"checkpoint: {ckpt}\nlog: {trainer.out / 'log.csv'}\nimages: {trainer.out}/step*.png")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        trainer = Trainer(cfg)
+        ckpt = trainer.train(resume=args.resume, progress=not args.no_progress)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(f"checkpoint: {ckpt}\nlog: {trainer.out / 'log.csv'}\nimages: {trainer.out}/step*.png")
     return 0
 
 

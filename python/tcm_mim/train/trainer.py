@@ -17,6 +17,7 @@ import pathlib
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import tcm_kernels
@@ -51,12 +52,18 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.out = pathlib.Path(cfg.out_dir)
-        torch.manual_seed(cfg.seed)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
         scans = _scans(cfg)
         self.dim = 2
         self.model = SparKMIM(build_encoder(cfg.encoder, dim=2, in_channels=1), dim=2, in_channels=1,
                               decoder_width=cfg.decoder_width)
         set_backend(self.model, cfg.backend)
+        if self.world > 1:  # statistics of the sparse batch norms over all ranks' active sites
+            for m in self.model.modules():
+                if hasattr(m, "sync"):
+                    m.sync = True
         if cfg.image_size % self.model.patch_size:
             raise ValueError(f"config: image_size {cfg.image_size} must be a multiple of the encoder's patch size "
                              f"{self.model.patch_size}")
@@ -72,6 +79,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
+        # DDP averages the gradients of the ranks; the unwrapped model serves no-grad passes and checkpoints.
+        self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.head_net = nn.parallel.DistributedDataParallel(self.head) if self.world > 1 and cfg.method == "tcm" \
+            else self.head
 
     # ------------------------------------------------------------------ pieces
 
@@ -105,30 +116,32 @@ class Trainer:
 
     def compute_loss(self, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        images, saliency = self.stream.batch(step, cfg.batch_size)
+        images, saliency = self.stream.batch(step * self.world + self.rank, cfg.batch_size)
         b, n = images.shape[0], self.grid[0] * self.grid[1]
         ratio = cfg.ratio_at(step)
         zero = torch.zeros((), dtype=torch.float32)
         if cfg.method == "spark":
-            out = self.model(images, self._mask(torch.zeros(b, n), "uniform", ratio, 2 * step))
+            out = self.net(images, self._mask(torch.zeros(b, n), "uniform", ratio, 2 * step))
             return {"loss": out.loss, "recon": out.loss, "contrastive": zero}
         if cfg.method == "tcm":
             scores = tcm_kernels.patch_scores(saliency, self.model.patch_size, reduce="mean")
             kw = dict(roi_threshold=cfg.roi_threshold, roi_mask_ratio=cfg.roi_mask_ratio)
-            out1 = self.model(images, self._mask(scores, "stratified", ratio, 2 * step, **kw))
-            out2 = self.model(images, self._mask(scores, "stratified", ratio, 2 * step + 1, **kw))
-            contrastive = tcm_kernels.info_nce(self.head(out1.embedding), self.head(out2.embedding),
-                                               temperature=cfg.temperature, normalize=True)
-            recon = 0.5 * (out1.loss + out2.loss)
+            # both views in one forward: one DDP pass, and the norms see both
+            views = torch.cat([self._mask(scores, "stratified", ratio, 2 * step + v, **kw) for v in (0, 1)])
+            out = self.net(torch.cat([images, images]), views)
+            z = self.head_net(out.embedding)
+            contrastive = tcm_kernels.info_nce(z[:b], z[b:], temperature=cfg.temperature, normalize=True,
+                                               gather=self.world > 1)
+            recon = out.loss  # the mean over both views' masked patches (each row masks the same count)
             return {"loss": recon + cfg.contrastive_weight * contrastive, "recon": recon, "contrastive": contrastive}
         if cfg.method == "anatomask":
             scores = self._per_patch_difficulty(self.teacher, images, step)
             visible = self._mask(scores, "hardest", ratio, 2 * step, hard_fraction=cfg.hard_fraction_at(step))
-            out = self.model(images, visible)
+            out = self.net(images, visible)
             return {"loss": out.loss, "recon": out.loss, "contrastive": zero}
         # amlp: cluster- and difficulty-guided sampling, attention-weighted reconstruction, ratio ramp
         visible = self._mask(self._cluster_scores(images, step), "weighted", ratio, 2 * step)
-        out = self.model(images, visible)
+        out = self.net(images, visible)
         masked = (~visible).to(out.per_patch.dtype)
         difficulty = out.per_patch.detach() * masked
         weight = 1 + difficulty / difficulty.sum().div(masked.sum()).clamp_min(1e-12)
@@ -171,8 +184,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> pathlib.Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_save(self.state_dict(), self.checkpoint_path)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_save(self.state_dict(), self.checkpoint_path)
         return self.checkpoint_path
 
     # ------------------------------------------------------------------ loop
@@ -195,10 +209,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.checkpoint_path.exists():
             self.load_state_dict(torch.load(self.checkpoint_path, weights_only=False))
-        f, writer = self._log_rows(self.step)
-        tb = _tensorboard(self.out / "tb")
+        lead = self.rank == 0  # one process writes logs, images and checkpoints
+        f, writer = self._log_rows(self.step) if lead else (None, None)
+        tb = _tensorboard(self.out / "tb") if lead else None
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
-        bar = _progress(total=cfg.steps, initial=self.step, enabled=progress)
+        bar = _progress(total=cfg.steps, initial=self.step, enabled=progress and lead)
         self.model.train()
         try:
             while self.step < end:
@@ -214,7 +229,8 @@ class Trainer:
                 row = {"step": self.step, **{k: f"{float(v):.6g}" for k, v in losses.items()},
                        "lr": f"{self.scheduler.get_last_lr()[0]:.6g}", "mask_ratio": f"{cfg.ratio_at(self.step):.4g}",
                        "images_per_s": f"{rate:.3g}"}
-                writer.writerow(row)
+                if writer is not None:
+                    writer.writerow(row)
                 if tb is not None:
                     for k, v in losses.items():
                         tb.add_scalar(f"train/{k}", float(v), self.step)
@@ -222,14 +238,15 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
-                if self.step % cfg.log_every == 0:
+                if f is not None and self.step % cfg.log_every == 0:
                     f.flush()
-                if cfg.image_every and self.step % cfg.image_every == 0:
+                if lead and cfg.image_every and self.step % cfg.image_every == 0:
                     self.save_images(self.out / f"step{self.step:06d}.png")
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     self.save_checkpoint()
         finally:
-            f.close()
+            if f is not None:
+                f.close()
             if bar is not None:
                 bar.close()
             if tb is not None:
