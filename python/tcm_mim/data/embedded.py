@@ -27,7 +27,7 @@ from .geometry import CANONICAL_3D, resample_affine, resample_spacing, to_canoni
 from .scan import Scan
 
 EMBEDDED = ("brain_mri", "chest_ct", "chest_xray")
-_CACHE_VERSION = "v2"  # bump when a builder below changes what it returns
+_CACHE_VERSION = "v3"  # bump when a builder below changes what it returns
 
 BRAIN_SPACING_MM = 2.0
 CT_SPACING_MM = 2.5
@@ -186,21 +186,36 @@ def _chest_ct() -> list[Scan]:
                  labels_lo.astype(np.int16), _present_names(labels_lo, names))]
 
 
+DRR_FRONT = ("heart",)  # ranks for ray_sum_drr: 4
+DRR_MIDDLE = ("aorta", "trachea", "esophagus", "vena_cava", "pulmonary_vein", "brachiocephalic", "liver", "spleen",
+              "stomach", "kidney", "gallbladder", "pancreas", "colon", "duodenum", "small_bowel")  # 3; lungs 2; rest 1
+
+
+def _drr_rank(name: str) -> int:
+    if any(k in name for k in DRR_FRONT):
+        return 4
+    if any(k in name for k in DRR_MIDDLE):
+        return 3
+    return 2 if name.startswith("lung") else 1
+
+
 def ray_sum_drr(ct_hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], axis: int,
-                num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+                names: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
     """Parallel-beam DRR of a CT and the projected label map.
 
     Args:
         ct_hu: float [*S] (3-D) in Hounsfield units; labels: int [*S].
         spacing: mm per voxel; axis: the axis the rays run along.
-        num_labels: one more than the largest label id.
+        names: {label id: TotalSegmentator name}, for the overlap ranking below.
 
     Returns:
         (image float32 [2-D] in [0, 1], the attenuation line integral scaled by its 99.5th
         percentile, so bone and soft tissue are bright as on a radiograph;
-        labels int16 [2-D]: per ray, the label that attenuates it most among those with at
-        least DRR_MIN_THICKNESS_MM of path, else 0).
+        labels int16 [2-D]: per ray, among the labels with at least DRR_MIN_THICKNESS_MM of
+        path, the highest ranked (heart > mediastinum and abdominal organs > lungs > the rest),
+        ties going to the one attenuating the ray most; 0 where none).
     """
+    num_labels = int(labels.max()) + 1
     mu = np.clip((ct_hu + 1000.0) / 1000.0, 0.0, None) * MU_WATER_PER_MM
     line_integral = mu.sum(axis=axis) * spacing[axis]
     image = np.clip(line_integral / max(np.percentile(line_integral, 99.5), 1e-6), 0.0, 1.0)
@@ -210,27 +225,28 @@ def ray_sum_drr(ct_hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...
     flat = (ray_index[..., None] * num_labels + moved.astype(np.int64)).ravel()
     shape = (*moved.shape[:2], num_labels)
     thickness = np.bincount(flat, minlength=ray_index.size * num_labels).reshape(shape)
-    # Path length alone would let the lungs in front of and behind the heart hide it; weighting
-    # by attenuation outlines what shapes the radiograph (the heart silhouette, the liver dome).
     attenuation = np.bincount(flat, weights=np.moveaxis(mu, axis, -1).ravel(),
                               minlength=ray_index.size * num_labels).reshape(shape)
-    thickness[..., 0] = 0
-    attenuation[..., 0] = 0
-    attenuation[thickness * spacing[axis] < DRR_MIN_THICKNESS_MM] = 0
-    projected = attenuation.argmax(axis=-1)
-    projected[attenuation.max(axis=-1) <= 0] = 0
+    # Radiograph annotation convention (JSRT-style lung fields): the heart silhouette, the
+    # mediastinum and the organs below the diaphragm outline over the lungs, and the lungs over
+    # the ribs and muscles they overlap; within a rank, the label attenuating the ray most wins.
+    rank = np.array([_drr_rank(names.get(i, "")) for i in range(num_labels)], dtype=np.float64)
+    present = thickness * spacing[axis] >= DRR_MIN_THICKNESS_MM
+    present[..., 0] = False
+    score = np.where(present, rank * 1e3 + attenuation, -1.0)
+    projected = score.argmax(axis=-1)
+    projected[~present.any(axis=-1)] = 0
     return image.astype(np.float32), projected.astype(np.int16)
 
 
 @_disk_cached("chest_xray")
 def _chest_xray() -> list[Scan]:
     ct, labels, spacing, names = _ct_full_resolution()
-    num_labels = int(labels.max()) + 1
     scans = []
     # [S, P, L]: PA rays run along P (axis 1), lateral rays along L (axis 2). Rows are flipped
     # so the head is at the top: the 2-D images are (I, L) for PA and (I, P) for lateral.
     for view, axis, columns in (("pa", 1, "L"), ("lateral", 2, "P")):
-        image, projected = ray_sum_drr(ct, labels, spacing, axis, num_labels)
+        image, projected = ray_sum_drr(ct, labels, spacing, axis, names)
         image, projected = image[::-1], projected[::-1]
         in_plane = (spacing[0], spacing[2] if axis == 1 else spacing[1])
         image, out_spacing = resample_spacing(np.ascontiguousarray(image), in_plane, DRR_SPACING_MM, order=1)
