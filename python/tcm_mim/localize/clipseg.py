@@ -24,10 +24,11 @@ class CLIPSegLocalizer:
         checkpoint: directory of the checkpoint.
         device: where the model runs (default CPU).
         batch_size: slices per forward pass for volumes.
+        rgb: treat 3-D inputs [3, H, W] as one colour image instead of a 3-slice volume.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu",
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, rgb: bool = False) -> None:
         transformers = require("transformers", purpose="CLIPSegLocalizer")
         path = Path(checkpoint)
         if not (path / "config.json").is_file():
@@ -40,23 +41,25 @@ class CLIPSegLocalizer:
         self.model.eval().to(device)
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.rgb = rgb
         self.cache_key = f"CLIPSegLocalizer({path.resolve()})"
 
     @torch.no_grad()
     def __call__(self, image, prompt: str, *, labels: LabelMap | None = None) -> torch.Tensor:
         """Saliency float32 [*S] in [0, 1] (sigmoid of CLIPSeg's logits, resized to S); ``labels`` is unused.
 
-        image: [H, W], [3, H, W] (RGB) or [D, H, W] (a volume, segmented slice by slice).
+        image: [H, W], [D, H, W] (a volume, segmented slice by slice) or, with ``rgb=True``, [3, H, W].
         """
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         if array.ndim == 2:
             slices, out_shape = [array], array.shape
-        elif array.ndim == 3 and array.shape[0] == 3:
+        elif array.ndim == 3 and self.rgb and array.shape[0] == 3:
             slices, out_shape = [np.moveaxis(array, 0, -1)], array.shape[1:]
         elif array.ndim == 3:
             slices, out_shape = list(array), array.shape
         else:
-            raise ValueError(f"CLIPSegLocalizer: image must be [H, W], [3, H, W] or [D, H, W], got {array.shape}")
+            raise ValueError(f"CLIPSegLocalizer: image must be [H, W], [D, H, W] or (rgb=True) [3, H, W], "
+                             f"got {array.shape}")
         lo, hi = float(np.min(array)), float(np.max(array))
         rgb = [_to_rgb_uint8(s, lo, hi) for s in slices]
         maps = []

@@ -118,9 +118,10 @@ class LabelTextLocalizer:
         return torch.maximum(cosine, lexical)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        missing = sorted({t for t in texts if t not in self._embeddings})
+        encoder = self._encoder or minilm_encoder()
+        store = getattr(encoder, "cache", self._embeddings)
+        missing = sorted({t for t in texts if t not in store})
         if missing:
-            encoder = self._encoder or minilm_encoder()
             for text, vector in zip(missing, encoder(missing)):
-                self._embeddings[text] = vector
-        return torch.stack([self._embeddings[t] for t in texts])
+                store[text] = vector
+        return torch.stack([store[t] for t in texts])

@@ -130,6 +130,7 @@ class SentenceEncoder:
         transformers = require("transformers", purpose="the MiniLM sentence encoder")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = transformers.AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+        self.cache: dict[str, torch.Tensor] = {}  # text -> embedding, shared by every localizer using this encoder
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
@@ -140,9 +141,6 @@ class SentenceEncoder:
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
-    @functools.lru_cache(maxsize=4096)
-    def embed_one(self, text: str) -> torch.Tensor:
-        return self([text])[0]
 
 
 @functools.lru_cache(maxsize=1)
