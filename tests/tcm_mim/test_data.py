@@ -55,7 +55,8 @@ def test_chest_xray(chest_xray):
     lungs = pa.labels.mask(pa.labels.ids_named("lung_upper_lobe_left", "lung_upper_lobe_right"))
     assert pa.image[lungs].mean() < pa.image[pa.labels.mask(pa.labels.ids_named("liver"))].mean()
     assert radiograph.label_map is None and radiograph.labels is None
-    assert radiograph.image.shape[1] == embedded.XRAY_WIDTH and 0 <= radiograph.image.min() <= radiograph.image.max() <= 1
+    assert radiograph.image.shape[1] == embedded.XRAY_WIDTH
+    assert 0 <= radiograph.image.min() <= radiograph.image.max() <= 1
 
 
 def test_ray_sum_drr_projects_labels():
@@ -119,13 +120,12 @@ def _write_nifti(path, array, zooms=(1.5, 1.0, 2.0)):
 
 def _write_dicom_series(folder, volume, slope=2.0, intercept=-1024.0, thickness=3.0):
     """One CT series, slices written in scrambled order under names that do not sort by position."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir()
     series, study = generate_uid(), generate_uid()
-    for k in (2, 0, 3, 1)[: volume.shape[0]] if volume.shape[0] == 4 else range(volume.shape[0]):
+    for k in (int(i) for i in np.random.default_rng(0).permutation(volume.shape[0])):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()

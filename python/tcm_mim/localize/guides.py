@@ -118,7 +118,8 @@ class ClusterGuide:
         self.cluster_weight = cluster_weight
         self.iterations = iterations
         self.seed = seed
-        self.cache_key = f"ClusterGuide(k={num_clusters},w={cluster_weight},seed={seed},{id(features)},{id(patch_loss)})"
+        self.cache_key = (f"ClusterGuide(k={num_clusters},w={cluster_weight},seed={seed},"
+                          f"{id(features)},{id(patch_loss)})")
 
     @torch.no_grad()
     def __call__(self, image, prompt: str | None = None, *, labels: LabelMap | None = None) -> torch.Tensor:
