@@ -74,6 +74,15 @@ def test_ray_sum_drr_projects_labels():
     np.testing.assert_array_equal(projected, expected)
 
 
+def test_embedded_scans_are_independent_copies(brain):
+    first = load_embedded("brain_mri")[0]
+    first.image[:] = 0
+    first.label_names.clear()
+    again = load_embedded("brain_mri")[0]
+    np.testing.assert_array_equal(again.image, brain.image)
+    assert again.label_names == brain.label_names and again.image.any()
+
+
 def test_unknown_dataset_and_missing_dependencies(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"name must be one of \('brain_mri', 'chest_ct', 'chest_xray'\)"):
         load_embedded("knee_mri")

@@ -123,6 +123,14 @@ def test_sides_land_on_the_patient_side(localizer, brain, chest_ct):
         assert centre(left) > centre(right)
 
 
+def test_two_dimensional_slice(localizer, brain):
+    k = int(np.argwhere(brain.label_map == brain.labels.ids_named("Hippocampus_L")[0])[:, 0].mean())
+    labels = LabelMap(brain.label_map[k], brain.label_names, brain.spacing[1:])
+    saliency = localizer(brain.image[k], "left hippocampus", labels=labels)
+    mass, dice = _mass_and_dice(saliency, labels.mask(labels.ids_named("Hippocampus_L")))
+    assert saliency.shape == brain.image.shape[1:] and mass >= 0.8 and dice >= 0.8
+
+
 def test_unmatched_prompt_lists_closest_labels(localizer, brain):
     with pytest.raises(ValueError, match=r"no label matches 'xyzzy quux'.*closest label names: \w+"):
         localizer(brain.image, "xyzzy quux", labels=brain.labels)

@@ -15,6 +15,7 @@ decode and project, on disk under ``$TCM_MIM_CACHE`` (default ``~/.cache/tcm_mim
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -53,7 +54,11 @@ def load_embedded(name: str) -> list[Scan]:
     builders = {"brain_mri": _brain_mri, "chest_ct": _chest_ct, "chest_xray": _chest_xray}
     if name not in builders:
         raise ValueError(f"load_embedded: name must be one of {EMBEDDED}, got {name!r}")
-    return list(builders[name]())
+    # Copies, so that editing a returned array cannot change what later calls return.
+    return [dataclasses.replace(s, image=s.image.copy(),
+                                label_map=None if s.label_map is None else s.label_map.copy(),
+                                label_names=dict(s.label_names))
+            for s in builders[name]()]
 
 
 def cache_dir() -> Path:

@@ -13,7 +13,7 @@ class LabelMap:
 
     Attributes:
         array: int [*S] (2-D or 3-D); 0 is background.
-        names: {label id: name}, e.g. ``{41: "Hippocampus_L"}``; only ids that occur in ``array``.
+        names: {label id: name}, e.g. ``{41: "Hippocampus_L"}`` (an id absent from ``array`` selects nothing).
         spacing: size of a pixel/voxel along each axis in mm (used for margins in mm).
     """
 
