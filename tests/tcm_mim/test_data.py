@@ -207,6 +207,20 @@ def test_folder_dataset_reads_nifti_dicom_png(tmp_path):
     assert (scan.label_map == 7).sum() == (seg == 7).sum()
 
 
+def test_dicom_series_with_nifti_labels(tmp_path):
+    raw = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6)
+    (tmp_path / "images").mkdir()
+    _write_dicom_series(tmp_path / "images" / "ct1", raw)
+    (tmp_path / "labels").mkdir()
+    seg = np.zeros((6, 5, 4), np.int16)  # a RAS NIfTI of the same grid: x, y, z toward R, A, S
+    seg[-1, :, :] = 2  # the patient's rightmost plane = column 0 of the DICOM rows (which run toward L)
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(seg, np.diag([0.6, 0.8, 3.0, 1.0])), str(tmp_path / "labels" / "ct1.nii.gz"))
+    ds = FolderDataset(tmp_path / "images", label_dir=tmp_path / "labels", mode="3d")
+    label_map = ds.scans[0].label_map
+    assert label_map.shape == (4, 5, 6) and (label_map[:, :, 0] == 2).all() and (label_map[:, :, 1:] == 0).all()
+
+
 def test_augment_moves_labels_with_image():
     gen = torch.Generator().manual_seed(0)
     image = torch.zeros(1, 32, 32)

@@ -155,11 +155,30 @@ def read_label_names(source: str | os.PathLike | dict[int, str] | None, label_ma
     return {i: names.get(i, f"label_{i}") for i in present}
 
 
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (*NIFTI_SUFFIXES, *PHOTO_SUFFIXES, DICOM_SUFFIX):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _label_path(label_dir: Path, entry: Path) -> Path:
+    """The entry of the same name under label_dir, else one with the same stem (``ct_series.nii.gz``)."""
+    exact = label_dir / entry.name
+    if exact.exists() or not label_dir.is_dir():
+        return exact
+    same_stem = sorted(p for p in label_dir.iterdir() if _kind(p) is not None and _stem(p) == _stem(entry))
+    return same_stem[0] if same_stem else exact
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """Training samples from a folder of images (and an optional parallel folder of label maps).
 
-    Every file or DICOM-series folder directly under ``root`` is one image; a label map is the
-    entry with the same name under ``label_dir``. Items are 2-D slices (``mode="2d"``: each axial
+    Every file or DICOM-series folder directly under ``root`` is one image; its label map is the
+    entry with the same name under ``label_dir``, or else one with the same stem (a DICOM series
+    folder ``ct1`` may have its labels in ``ct1.nii.gz``, stored in the same [S, P, L] layout after
+    reorientation). Items are 2-D slices (``mode="2d"``: each axial
     slice of each volume, and each 2-D image) or 3-D crops (``mode="3d"``), normalised per
     modality (CT window, else percentiles), then randomly cropped and augmented;
     ``samples_per_image`` draws that many distinct samples from each slice/volume, each one
@@ -187,7 +206,7 @@ class FolderDataset(torch.utils.data.Dataset):
         for entry in entries:
             scan = read_scan(entry, modality=modality)
             if label_dir is not None:
-                scan = self._attach_labels(scan, Path(label_dir) / entry.name, label_names)
+                scan = self._attach_labels(scan, _label_path(Path(label_dir), entry), label_names)
             if mode == "3d" and scan.image.ndim != 3:
                 raise ValueError(f"FolderDataset: mode='3d' needs volumes, but {entry} is 2-D")
             self.scans.append(scan)
