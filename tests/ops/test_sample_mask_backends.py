@@ -63,12 +63,14 @@ SHAPES = [  # (B, N, mask_ratio)
     (1, 1, 0.0),  # one patch, nothing masked
     (2, 7, 0.5),  # prime, fewer patches than a warp
     (2, 97, 0.6),  # prime
-    (1, 196, 0.75),  # 14 x 14 ViT grid
+    (4, 196, 0.75),  # 14 x 14 ViT grid
     (1, 197, 0.4),  # prime, one past 196
     (1, 257, 0.6),  # one past a power of two: a 512-lane tile, half empty
     (1, 392, 0.9),  # 2 x 14 x 14
     (0, 50, 0.5),  # empty batch
     (2, 33, 0.0),  # M = 0
+    (1, 4096, 0.6),  # 16^3 3D grid: 8 warps on a GPU
+    (1, 16384, 0.4),  # MAX_PATCHES, the largest tile
 ]
 
 
