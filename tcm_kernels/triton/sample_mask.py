@@ -45,7 +45,9 @@ choice for long rows.
 from __future__ import annotations
 
 import contextlib
+import struct
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -212,12 +214,13 @@ def _sample_mask_kernel(
 
 
 def _f32_bits(x: float) -> int:
-    """Bit pattern of float32(x), rounded to nearest like static_cast<float>(double)."""
-    return int(torch.tensor(x, dtype=torch.float64).to(torch.float32).view(torch.int32).item()) & 0xFFFFFFFF
+    """Bit pattern of float32(x), rounded to nearest like static_cast<float>(double) (inf on overflow)."""
+    with np.errstate(over="ignore"):
+        return int(np.array(x, dtype=np.float32).view(np.uint32))
 
 
 def _f64_bits(x: float) -> int:
-    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64).item())
+    return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 def _num_warps(block: int) -> int:
