@@ -37,7 +37,7 @@ _OP = "masked_recon_loss"
 @torch.library.register_fake("tcm::recon_loss_forward")
 def _forward_fake(pred, target, patch_size, norm_pix, eps):
     acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    n = math.prod(s // p for s, p in zip(pred.shape[2:], patch_size))
+    n = math.prod([s // p for s, p in zip(pred.shape[2:], patch_size)])
     return pred.new_empty((pred.shape[0], n), dtype=acc)
 
 
@@ -67,7 +67,6 @@ class _PerPatchLoss(torch.autograd.Function):
         pred, target = pred.contiguous(), target.contiguous()
         ctx.save_for_backward(pred, target)
         ctx.args = (patch_size, norm_pix, eps, backend)
-        ctx.mark_non_differentiable()
         return fwd(pred, target, patch_size, norm_pix, eps)
 
     @staticmethod
@@ -81,9 +80,9 @@ class _PerPatchLoss(torch.autograd.Function):
 
 def _patch_tuple(patch_size, spatial: tuple[int, ...]) -> list[int]:
     ps = [patch_size] * len(spatial) if isinstance(patch_size, int) else list(patch_size)
-    if len(ps) != len(spatial) or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in ps):
+    if len(ps) != len(spatial) or any([isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in ps]):
         raise ValueError(f"{_OP}: patch_size must be a positive int or {len(spatial)} positive ints, got {patch_size!r}")
-    if any(s % p for s, p in zip(spatial, ps)):
+    if any([s % p for s, p in zip(spatial, ps)]):
         raise ValueError(f"{_OP}: patch_size {tuple(ps)} must divide the spatial shape {spatial}")
     return ps
 
@@ -115,7 +114,7 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
                          f"got {tuple(target.shape)} {target.dtype}")
     check_same_device(_OP, pred=pred, target=target, visible=visible)
     ps = _patch_tuple(patch_size, tuple(pred.shape[2:]))
-    n = math.prod(s // p for s, p in zip(pred.shape[2:], ps))
+    n = math.prod([s // p for s, p in zip(pred.shape[2:], ps)])
     if tuple(visible.shape) != (pred.shape[0], n):
         raise ValueError(f"{_OP}: visible must be [B, N] = [{pred.shape[0]}, {n}] for patch_size {tuple(ps)}, "
                          f"got shape {tuple(visible.shape)}")
