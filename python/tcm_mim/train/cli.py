@@ -1,0 +1,51 @@
+"""``tcm-pretrain``: reference pretraining from a YAML config plus ``key=value`` overrides.
+
+Examples::
+
+    tcm-pretrain method=spark steps=100
+    tcm-pretrain --config configs/pretrain_tcm.yaml lr=1e-3 --resume
+    torchrun --nproc_per_node=2 -m tcm_mim.train.cli --config configs/pretrain_tcm.yaml
+
+Under torchrun every rank trains on its own items of the stream, gradients are averaged
+(DDP), the sparse batch norms synchronise their statistics and the InfoNCE negatives
+are gathered from all ranks; rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .config import load_config
+from .trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tcm-pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with PretrainConfig fields")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. method=spark steps=50")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        trainer = Trainer(cfg)
+        ckpt = trainer.train(resume=args.resume, progress=not args.no_progress)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(f"checkpoint: {ckpt}\nlog: {trainer.out / 'log.csv'}\nimages: {trainer.out}/step*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

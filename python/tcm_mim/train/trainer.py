@@ -1,0 +1,307 @@
+"""The pretraining loop shared by the four methods.
+
+Per step: a deterministic batch (``SliceStream``), the method's patch scores and
+mask (``tcm_kernels.sample_mask`` with ``offset`` = a function of the step), the
+SparK model, the method's loss, AdamW with warm-up + cosine. Checkpoints are written
+atomically and hold everything a resumed run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import os
+import pathlib
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import tcm_kernels
+
+from ..data import load_embedded
+from ..models import SparKMIM, build_encoder, set_backend
+from .config import PretrainConfig
+from .stream import SliceStream
+
+CSV_FIELDS = ("step", "loss", "recon", "contrastive", "lr", "mask_ratio", "images_per_s")
+
+
+def atomic_save(obj, path: pathlib.Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _scans(cfg: PretrainConfig):
+    scans = load_embedded(cfg.dataset)
+    if cfg.method == "tcm":
+        scans = [s for s in scans if s.labels is not None]
+        if not scans:
+            raise ValueError(f"tcm needs scans with label maps for its prompts; {cfg.dataset} has none")
+    return scans
+
+
+class Trainer:
+    """Builds model, data and optimiser from a :class:`PretrainConfig`; ``train()`` runs it."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.out = pathlib.Path(cfg.out_dir)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        scans = _scans(cfg)
+        self.dim = 2
+        self.model = SparKMIM(build_encoder(cfg.encoder, dim=2, in_channels=1), dim=2, in_channels=1,
+                              decoder_width=cfg.decoder_width)
+        set_backend(self.model, cfg.backend)
+        if self.world > 1:  # statistics of the sparse batch norms over all ranks' active sites
+            for m in self.model.modules():
+                if hasattr(m, "sync"):
+                    m.sync = True
+        if cfg.image_size % self.model.patch_size:
+            raise ValueError(f"config: image_size {cfg.image_size} must be a multiple of the encoder's patch size "
+                             f"{self.model.patch_size}")
+        self.grid = (cfg.image_size // self.model.patch_size,) * 2
+        saliency = self._saliency_provider(scans) if cfg.method == "tcm" else None
+        self.stream = SliceStream(scans, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        width = self.model.encoder.channels[-1]
+        self.head = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64))
+        self.teacher = None
+        if cfg.method == "anatomask":
+            self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        params = list(self.model.parameters()) + (list(self.head.parameters()) if cfg.method == "tcm" else [])
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        # DDP averages the gradients of the ranks; the unwrapped model serves no-grad passes and checkpoints.
+        self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.head_net = nn.parallel.DistributedDataParallel(self.head) if self.world > 1 and cfg.method == "tcm" \
+            else self.head
+
+    # ------------------------------------------------------------------ pieces
+
+    def _lr_factor(self, step: int) -> float:
+        if step < self.cfg.warmup_steps:
+            return (step + 1) / self.cfg.warmup_steps
+        t = (step - self.cfg.warmup_steps) / max(self.cfg.steps - self.cfg.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    def _saliency_provider(self, scans):
+        from ..localize import LabelTextLocalizer, SaliencyCache
+
+        localizer, cache = LabelTextLocalizer(), SaliencyCache(self.out / "saliency_cache")
+
+        def provide(index: int, prompt: str) -> torch.Tensor:
+            scan = scans[index]
+            return cache.get(scan.name, prompt, localizer, scan.image, labels=scan.labels)
+
+        return provide
+
+    def _mask(self, scores: torch.Tensor, strategy: str, ratio: float, offset: int, **kw) -> torch.Tensor:
+        return tcm_kernels.sample_mask(scores, ratio, strategy=strategy, seed=self.cfg.seed, offset=offset,
+                                       **kw).visible
+
+    def _per_patch_difficulty(self, model: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Per-patch loss of ``model`` on a uniform mask: the score AnatoMask and AMLP select by."""
+        b, n = images.shape[0], self.grid[0] * self.grid[1]
+        probe = self._mask(torch.zeros(b, n), "uniform", 0.5, 2 * step + 1)
+        with torch.no_grad():
+            return model(images, probe).per_patch.float().clamp_min(0)
+
+    def compute_loss(self, step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        images, saliency = self.stream.batch(step * self.world + self.rank, cfg.batch_size)
+        b, n = images.shape[0], self.grid[0] * self.grid[1]
+        ratio = cfg.ratio_at(step)
+        zero = torch.zeros((), dtype=torch.float32)
+        if cfg.method == "spark":
+            out = self.net(images, self._mask(torch.zeros(b, n), "uniform", ratio, 2 * step))
+            return {"loss": out.loss, "recon": out.loss, "contrastive": zero}
+        if cfg.method == "tcm":
+            scores = tcm_kernels.patch_scores(saliency, self.model.patch_size, reduce="mean")
+            kw = dict(roi_threshold=cfg.roi_threshold, roi_mask_ratio=cfg.roi_mask_ratio)
+            # both views in one forward: one DDP pass, and the norms see both
+            views = torch.cat([self._mask(scores, "stratified", ratio, 2 * step + v, **kw) for v in (0, 1)])
+            out = self.net(torch.cat([images, images]), views)
+            z = self.head_net(out.embedding)
+            contrastive = tcm_kernels.info_nce(z[:b], z[b:], temperature=cfg.temperature, normalize=True,
+                                               gather=self.world > 1)
+            recon = out.loss  # the mean over both views' masked patches (each row masks the same count)
+            return {"loss": recon + cfg.contrastive_weight * contrastive, "recon": recon, "contrastive": contrastive}
+        if cfg.method == "anatomask":
+            scores = self._per_patch_difficulty(self.teacher, images, step)
+            visible = self._mask(scores, "hardest", ratio, 2 * step, hard_fraction=cfg.hard_fraction_at(step))
+            out = self.net(images, visible)
+            return {"loss": out.loss, "recon": out.loss, "contrastive": zero}
+        # amlp: cluster- and difficulty-guided sampling, attention-weighted reconstruction, ratio ramp
+        visible = self._mask(self._cluster_scores(images, step), "weighted", ratio, 2 * step)
+        out = self.net(images, visible)
+        masked = (~visible).to(out.per_patch.dtype)
+        difficulty = out.per_patch.detach() * masked
+        weight = 1 + difficulty / difficulty.sum().div(masked.sum()).clamp_min(1e-12)
+        recon = (weight * out.per_patch * masked).sum() / (weight * masked).sum()
+        return {"loss": recon, "recon": recon, "contrastive": zero}
+
+    def _cluster_scores(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """AMLP: k-means of patch descriptors into lesion/background, blended with reconstruction difficulty."""
+        from ..localize import ClusterGuide
+
+        difficulty = self._per_patch_difficulty(self.model, images, step)
+        maps = []
+        for i in range(images.shape[0]):
+            guide = ClusterGuide(self.model.patch_size, patch_loss=lambda _img, row=difficulty[i]: row,
+                                 seed=self.cfg.seed)
+            maps.append(guide(images[i, 0]))
+        scores = tcm_kernels.patch_scores(torch.stack(maps)[:, None], self.model.patch_size, reduce="mean")
+        return scores + 1e-6  # every patch stays eligible
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def checkpoint_path(self) -> pathlib.Path:
+        return self.out / "checkpoint.pt"
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "head": self.head.state_dict(),
+                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "config": dataclasses.asdict(self.cfg), "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self) -> pathlib.Path:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_save(self.state_dict(), self.checkpoint_path)
+        return self.checkpoint_path
+
+    # ------------------------------------------------------------------ loop
+
+    def _log_rows(self, resume_step: int):
+        path = self.out / "log.csv"
+        rows = []
+        if path.exists() and resume_step > 0:  # keep the rows before the resume point, drop the rest
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
+        f = path.open("w", newline="")
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        return f, writer
+
+    def train(self, *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> pathlib.Path:
+        """Run to ``cfg.steps`` (or ``stop_after`` steps, for tests); returns the checkpoint path."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and self.checkpoint_path.exists():
+            self.load_state_dict(torch.load(self.checkpoint_path, weights_only=False))
+        lead = self.rank == 0  # one process writes logs, images and checkpoints
+        f, writer = self._log_rows(self.step) if lead else (None, None)
+        tb = _tensorboard(self.out / "tb") if lead else None
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        bar = _progress(total=cfg.steps, initial=self.step, enabled=progress and lead)
+        self.model.train()
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                losses = self.compute_loss(self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.teacher is not None:
+                    _ema_update(self.teacher, self.model, cfg.ema)
+                rate = cfg.batch_size / (time.perf_counter() - t0)
+                row = {"step": self.step, **{k: f"{float(v):.6g}" for k, v in losses.items()},
+                       "lr": f"{self.scheduler.get_last_lr()[0]:.6g}", "mask_ratio": f"{cfg.ratio_at(self.step):.4g}",
+                       "images_per_s": f"{rate:.3g}"}
+                if writer is not None:
+                    writer.writerow(row)
+                if tb is not None:
+                    for k, v in losses.items():
+                        tb.add_scalar(f"train/{k}", float(v), self.step)
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
+                if f is not None and self.step % cfg.log_every == 0:
+                    f.flush()
+                if lead and cfg.image_every and self.step % cfg.image_every == 0:
+                    self.save_images(self.out / f"step{self.step:06d}.png")
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    self.save_checkpoint()
+        finally:
+            if f is not None:
+                f.close()
+            if bar is not None:
+                bar.close()
+            if tb is not None:
+                tb.close()
+        return self.checkpoint_path
+
+    def save_images(self, path: pathlib.Path) -> None:
+        """image | masked input | reconstruction (de-normalised with each patch's own statistics), per row."""
+        from PIL import Image
+
+        images, saliency = self.stream.batch(0, min(4, self.cfg.batch_size))
+        b, n = images.shape[0], self.grid[0] * self.grid[1]
+        scores = tcm_kernels.patch_scores(saliency, self.model.patch_size, reduce="mean")
+        visible = self._mask(scores, "stratified" if self.cfg.method == "tcm" else "uniform", self.cfg.ratio_at(0),
+                             0, roi_threshold=self.cfg.roi_threshold, roi_mask_ratio=self.cfg.roi_mask_ratio)
+        self.model.eval()
+        with torch.no_grad():
+            pred = self.model(images, visible).pred
+        self.model.train()
+        p = self.model.patch_size
+        pix = tcm_kernels.upsample_mask(visible.reshape(b, 1, *self.grid), p).float()
+        rec = _denormalize_patches(pred, images, p) if self.model.norm_pix else pred
+        rec = rec * (1 - pix) + images * pix
+        rows = torch.cat([images, images * pix, rec.clamp(0, 1)], dim=3)[:, 0]
+        grid = torch.cat(list(rows), dim=0)
+        Image.fromarray((grid.numpy() * 255).astype("uint8")).save(path)
+
+
+def _denormalize_patches(pred: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
+    b, c, h, w = target.shape
+    t = target.reshape(b, c, h // p, p, w // p, p)
+    mean = t.mean(dim=(3, 5), keepdim=True)
+    std = (t.var(dim=(3, 5), keepdim=True) + 1e-6).sqrt()
+    return (pred.reshape_as(t) * std + mean).reshape(b, c, h, w)
+
+
+def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            t.copy_(s)
+
+
+def _tensorboard(path: pathlib.Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in the train extra; without it only the CSV is written
+        return None
+    return SummaryWriter(str(path))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)

@@ -1,0 +1,54 @@
+"""Downstream tasks, probe / fine-tune, and the methods report, on tiny budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tcm_mim.eval import brain_lobe_task, chest_organ_task, evaluate_encoder
+from tcm_mim.eval.report import main as eval_main
+from tcm_mim.eval.tasks import GUARD, _split
+from tcm_mim.models import build_encoder
+
+
+def test_split_keeps_test_block_and_guard_out_of_training():
+    labelled = torch.zeros(100, dtype=torch.bool)
+    labelled[10:90] = True
+    train, test = _split(labelled.numpy())
+    assert test == list(range(40, 60))
+    assert not set(train) & set(range(40 - GUARD, 60 + GUARD))
+    assert set(train) == set(range(10, 40 - GUARD)) | set(range(60 + GUARD, 90))
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {"chest": chest_organ_task(size=160), "brain": brain_lobe_task(per_slice=4)}
+
+
+def test_tasks_are_well_formed(tasks):
+    chest, brain = tasks["chest"], tasks["brain"]
+    assert chest.classes[0] == "background" and {"lung", "heart", "liver"} <= set(chest.classes)
+    assert chest.train_images.shape[1:] == (1, 160, 160) and chest.train_targets.shape[1:] == (160, 160)
+    assert int(chest.test_targets.max()) < len(chest.classes)
+    assert brain.kind == "classification" and len(brain.classes) == 5
+    assert brain.train_targets.min() >= 0 and brain.train_targets.max() < 5
+    assert len(brain.test_images) > 0 and len(brain.train_images) > len(brain.test_images)
+
+
+@pytest.mark.parametrize("mode", ["probe", "finetune"])
+def test_evaluate_encoder_runs(tasks, mode):
+    torch.manual_seed(0)
+    enc = build_encoder("resnet_tiny", in_channels=1)
+    for key in ("chest", "brain"):
+        metric = evaluate_encoder(enc, tasks[key], mode=mode, steps=3)
+        assert 0.0 <= metric <= 1.0
+    with pytest.raises(ValueError, match="mode must be"):
+        evaluate_encoder(enc, tasks["brain"], mode="linear")
+
+
+def test_report_cli_tiny(tmp_path):
+    assert eval_main(["--methods", "random", "spark", "--seeds", "0", "1", "--steps", "1", "--probe-steps", "2",
+                      "--finetune-steps", "1", "--out", str(tmp_path), "--no-progress", "encoder=resnet_tiny",
+                      "image_size=64", "batch_size=2", "decoder_width=16", "warmup_steps=1"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| random |" in report and "| spark |" in report and (tmp_path / "report.png").exists()
