@@ -63,7 +63,7 @@ def _target_stats(T, origin, n_elems, eps, D, H, W, pd, ph, pw, acc_ty: tl.const
 @triton.jit
 def _forward_kernel(P, T, OUT, eps, n_patches, image, D, H, W, pd, ph, pw, gh, gw, n_elems,
                     NORM_PIX: tl.constexpr, BLOCK: tl.constexpr):
-    k = tl.program_id(0)
+    k = tl.program_id(0).to(tl.int64)  # int64 offsets: images may exceed 2^31 elements
     acc_ty = OUT.dtype.element_ty
     origin = _patch_origin(k, n_patches, image, D, H, W, pd, ph, pw, gh, gw)
     mean, rstd = _target_stats(T, origin, n_elems, eps, D, H, W, pd, ph, pw, acc_ty, NORM_PIX, BLOCK)
@@ -82,7 +82,7 @@ def _forward_kernel(P, T, OUT, eps, n_patches, image, D, H, W, pd, ph, pw, gh, g
 @triton.jit
 def _backward_kernel(G, P, T, GRAD, eps, n_patches, image, D, H, W, pd, ph, pw, gh, gw, n_elems,
                      NORM_PIX: tl.constexpr, BLOCK: tl.constexpr):
-    k = tl.program_id(0)
+    k = tl.program_id(0).to(tl.int64)  # int64 offsets: images may exceed 2^31 elements
     acc_ty = G.dtype.element_ty
     origin = _patch_origin(k, n_patches, image, D, H, W, pd, ph, pw, gh, gw)
     w = tl.load(G + k) * 2.0 / n_elems

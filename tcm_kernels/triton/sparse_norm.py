@@ -22,7 +22,7 @@ _BLOCK = 1024
 
 @triton.jit
 def _moments_kernel(X, MASK, COUNT, MEAN, M2, C, L, BLOCK: tl.constexpr):
-    plane = tl.program_id(0)          # b * C + c
+    plane = tl.program_id(0).to(tl.int64)  # b * C + c; int64 offsets: tensors may exceed 2^31 elements
     b = plane // C
     acc_ty = MEAN.dtype.element_ty
     n = tl.zeros((), acc_ty)
@@ -50,7 +50,7 @@ def _moments_kernel(X, MASK, COUNT, MEAN, M2, C, L, BLOCK: tl.constexpr):
 
 @triton.jit
 def _scale_shift_kernel(X, MASK, CENTER, SCALE, SHIFT, Y, C, L, BLOCK: tl.constexpr):
-    plane = tl.program_id(0)
+    plane = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < L
     acc_ty = SCALE.dtype.element_ty
@@ -62,7 +62,7 @@ def _scale_shift_kernel(X, MASK, CENTER, SCALE, SHIFT, Y, C, L, BLOCK: tl.conste
 
 @triton.jit
 def _grad_moments_kernel(DY, X, MASK, CENTER, SUM_DY, SUM_DY_XC, C, L, BLOCK: tl.constexpr):
-    plane = tl.program_id(0)
+    plane = tl.program_id(0).to(tl.int64)
     b = plane // C
     acc_ty = CENTER.dtype.element_ty
     mu = tl.load(CENTER + plane)
@@ -82,7 +82,7 @@ def _grad_moments_kernel(DY, X, MASK, CENTER, SUM_DY, SUM_DY_XC, C, L, BLOCK: tl
 
 @triton.jit
 def _norm_backward_kernel(DY, X, MASK, DY_SCALE, X_SCALE, CENTER, SHIFT, DX, C, L, BLOCK: tl.constexpr):
-    plane = tl.program_id(0)
+    plane = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < L
     acc_ty = CENTER.dtype.element_ty
