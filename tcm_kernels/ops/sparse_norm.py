@@ -25,6 +25,8 @@ the same math without leaving the masked-dense layout.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -203,7 +205,8 @@ def _check_inputs(op: str, x: torch.Tensor, mask: torch.Tensor, weight, bias, *,
 
 def _flat(x: torch.Tensor, mask: torch.Tensor):
     b, c = x.shape[:2]
-    return x.contiguous().reshape(b, c, -1), mask.contiguous().reshape(b, -1)
+    sites = math.prod(x.shape[2:])  # explicit: -1 is ambiguous for an empty batch
+    return x.contiguous().reshape(b, c, sites), mask.contiguous().reshape(b, sites)
 
 
 def _run(op, x, mask, weight, bias, eps, kind, groups, stats, sync_group, backend):

@@ -22,7 +22,7 @@ def patchify(img: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
     x = img.reshape(shape)
     d = len(spatial)
     perm = [0] + [2 + 2 * i for i in range(d)] + [1] + [3 + 2 * i for i in range(d)]
-    return x.permute(perm).reshape(b, -1, c * math.prod(patch_size))
+    return x.permute(perm).reshape(b, math.prod(grid), c * math.prod(patch_size))
 
 
 def masked_recon_loss(pred, target, visible, patch_size, norm_pix=True, eps=1e-6):

@@ -223,3 +223,12 @@ def test_compile_fullgraph_matches_eager():
     le.backward()
     lc.backward()
     assert_close_verbose(pc.grad, pe.grad, atol=1e-7, rtol=1e-6, name="grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    pred = torch.randn(0, 3, 8, 8, requires_grad=True)
+    loss, per_patch = tcm_kernels.masked_recon_loss(pred, pred.detach(), torch.zeros(0, 4, dtype=torch.bool), 4,
+                                                    backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and per_patch.shape == (0, 4) and pred.grad.shape == pred.shape

@@ -430,3 +430,17 @@ def test_sync_batch_norm_two_ranks_equals_one_big_batch():
     assert_close_verbose(torch.cat([p["dx"] for p in parts]), xr.grad, atol=1e-5, rtol=1e-5, name="sync dx")
     assert_close_verbose(parts[0]["dw"] + parts[1]["dw"], full.weight.grad, atol=1e-4, rtol=1e-4, name="sync dw")
     assert_close_verbose(parts[0]["rv"], full.running_var, atol=1e-6, rtol=1e-6, name="sync running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    mask = torch.zeros(0, 1, 4, 4, dtype=torch.bool)
+    y = tcm_kernels.sparse_instance_norm(x, mask, backend=backend)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert tcm_kernels.sparse_group_norm(x, mask, 3, backend=backend).shape == x.shape
+    eval_y = tcm_kernels.sparse_batch_norm(x, mask, torch.zeros(3), torch.ones(3), training=False, backend=backend)
+    assert eval_y.shape == x.shape
+    with pytest.raises(ValueError, match="training needs at least one sample, channel and site"):
+        tcm_kernels.sparse_batch_norm(x, mask, backend=backend)
