@@ -18,16 +18,19 @@ class _SparseBatchNorm(nn.modules.batchnorm._NormBase):
 
     Same constructor, buffers and state dict as ``nn.BatchNorm{2,3}d`` (so dense
     checkpoints load), plus ``sync``: all-reduce the statistics over
-    ``process_group`` with torch.distributed when it is initialized.
+    ``process_group`` with torch.distributed when it is initialized, and ``backend``
+    (None = automatic, or ``"reference" | "cpu" | "triton"``).
     """
 
     _spatial_dims = 2
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, sync: bool = False, process_group=None, device=None, dtype=None):
+                 track_running_stats: bool = True, sync: bool = False, process_group=None, backend: str | None = None,
+                 device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.sync = sync
         self.process_group = process_group
+        self.backend = backend
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() != self._spatial_dims + 2:
@@ -46,7 +49,7 @@ class _SparseBatchNorm(nn.modules.batchnorm._NormBase):
         return F.sparse_batch_norm(x, mask, self.running_mean if (track or not use_batch_stats) else None,
                                    self.running_var if (track or not use_batch_stats) else None, self.weight,
                                    self.bias, use_batch_stats, momentum, self.eps, sync=self.sync,
-                                   process_group=self.process_group)
+                                   process_group=self.process_group, backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", sync=True" if self.sync else "")
@@ -68,9 +71,10 @@ class SparseSyncBatchNorm(_SparseBatchNorm):
     """Sparse batch norm whose statistics are all-reduced across ranks (2-D or 3-D input)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+                 track_running_stats: bool = True, process_group=None, backend: str | None = None, device=None,
+                 dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, sync=True,
-                         process_group=process_group, device=device, dtype=dtype)
+                         process_group=process_group, backend=backend, device=device, dtype=dtype)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in (4, 5):
@@ -80,9 +84,10 @@ class SparseSyncBatchNorm(_SparseBatchNorm):
 class _SparseInstanceNorm(nn.Module):
     _spatial_dims = 2
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False, device=None, dtype=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False, backend: str | None = None,
+                 device=None, dtype=None):
         super().__init__()
-        self.num_features, self.eps, self.affine = num_features, eps, affine
+        self.num_features, self.eps, self.affine, self.backend = num_features, eps, affine, backend
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
@@ -94,7 +99,7 @@ class _SparseInstanceNorm(nn.Module):
         if x.dim() != self._spatial_dims + 2:
             raise ValueError(f"{type(self).__name__}: x must be {self._spatial_dims + 2}-D [B, C, *S], "
                              f"got shape {tuple(x.shape)}")
-        return F.sparse_instance_norm(x, mask, self.weight, self.bias, self.eps)
+        return F.sparse_instance_norm(x, mask, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
@@ -115,9 +120,10 @@ class SparseInstanceNorm3d(_SparseInstanceNorm):
 class SparseGroupNorm(nn.Module):
     """Group norm per (sample, group) over the active sites; x [B, C, *S], affine [C] as nn.GroupNorm."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
-                 dtype=None):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
+        self.backend = backend
         if num_channels % num_groups:
             raise ValueError(f"SparseGroupNorm: num_groups must divide num_channels={num_channels}, got {num_groups}")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
@@ -129,7 +135,7 @@ class SparseGroupNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.sparse_group_norm(x, mask, self.num_groups, self.weight, self.bias, self.eps)
+        return F.sparse_group_norm(x, mask, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

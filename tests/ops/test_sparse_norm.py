@@ -152,28 +152,15 @@ def _spark_gather_bn(x, mask, weight, bias, bn=None):
 def test_module_matches_spark_gather_and_running_stats(backend, module_cls, shape):
     x, mask, w, b = _inputs(shape, torch.float32)
     ref_bn = torch.nn.BatchNorm1d(shape[1])
-    ours = module_cls(shape[1])
+    ours = module_cls(shape[1], backend=backend)
     with torch.no_grad():
         for mod in (ref_bn, ours):
             mod.weight.copy_(w)
             mod.bias.copy_(b)
-    import functools
-
-    from tcm_kernels.ops import sparse_norm as ops_mod
-    fn = functools.partial(ops_mod.sparse_batch_norm, backend=backend)
-    orig = ops_mod.sparse_batch_norm
     for step in range(3):
         xs = x + step
         want = _spark_gather_bn(xs, mask, None, None, bn=ref_bn)
-        try:
-            ops_mod.sparse_batch_norm = fn  # route the module to the back end under test
-            import tcm_kernels.nn.sparse_norm as nn_mod
-            nn_mod.F.sparse_batch_norm = fn
-            got = ours(xs, mask)
-        finally:
-            ops_mod.sparse_batch_norm = orig
-            nn_mod.F.sparse_batch_norm = orig
-        assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name=f"train step {step}")
+        assert_close_verbose(ours(xs, mask), want, atol=1e-5, rtol=1e-5, name=f"train step {step}")
     assert_close_verbose(ours.running_mean, ref_bn.running_mean, atol=1e-5, rtol=1e-5, name="running_mean")
     assert_close_verbose(ours.running_var, ref_bn.running_var, atol=1e-5, rtol=1e-5, name="running_var")
     assert int(ours.num_batches_tracked) == 3
