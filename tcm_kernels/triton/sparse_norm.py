@@ -31,11 +31,12 @@ def _moments_kernel(X, MASK, COUNT, MEAN, M2, C, L, BLOCK: tl.constexpr):
     for start in range(0, L, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inb = offs < L
-        on = tl.load(MASK + b * L + offs, mask=inb, other=0).to(acc_ty)
-        x = tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty)
-        cnt = tl.sum(on, 0)
-        tile_mean = tl.sum(on * x, 0) / tl.maximum(cnt, 1.0)
-        dev = (x - tile_mean) * on
+        on = tl.load(MASK + b * L + offs, mask=inb, other=0) != 0
+        # selects, not products with the mask: values at inactive sites (even NaN/inf) are ignored
+        x = tl.where(on, tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty), 0.0)
+        cnt = tl.sum(on.to(acc_ty), 0)
+        tile_mean = tl.sum(x, 0) / tl.maximum(cnt, 1.0)
+        dev = tl.where(on, x - tile_mean, 0.0)
         q = tl.sum(dev * dev, 0)
         total = n + cnt
         share = cnt / tl.maximum(total, 1.0)   # 0 for an empty tile: nothing changes
@@ -71,11 +72,11 @@ def _grad_moments_kernel(DY, X, MASK, CENTER, SUM_DY, SUM_DY_XC, C, L, BLOCK: tl
     for start in range(0, L, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inb = offs < L
-        on = tl.load(MASK + b * L + offs, mask=inb, other=0).to(acc_ty)
-        g = tl.load(DY + plane * L + offs, mask=inb, other=0).to(acc_ty) * on
-        x = tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty)
+        on = tl.load(MASK + b * L + offs, mask=inb, other=0) != 0
+        g = tl.where(on, tl.load(DY + plane * L + offs, mask=inb, other=0).to(acc_ty), 0.0)
+        x = tl.where(on, tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty), 0.0)
         s1 += g
-        s2 += g * (x - mu)
+        s2 += tl.where(on, g * (x - mu), 0.0)
     tl.store(SUM_DY + plane, tl.sum(s1, 0))
     tl.store(SUM_DY_XC + plane, tl.sum(s2, 0))
 

@@ -431,3 +431,17 @@ def test_empty_batch(backend):
     assert eval_y.shape == x.shape
     with pytest.raises(ValueError, match="training needs at least one sample, channel and site"):
         tcm_kernels.sparse_batch_norm(x, mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
+def test_values_at_inactive_sites_are_ignored(backend, kind):
+    """NaN/inf left at inactive sites never reach the statistics, the output or the gradient."""
+    x, mask, w, b = _inputs((2, 3, 5, 6), torch.float32)
+    dirty = x.clone()
+    dirty[~mask.expand_as(x)] = float("nan")
+    dirty[0, 0][~mask[0, 0]] = float("inf")
+    clean = torch.where(mask, x, 0)
+    for got, want in zip(_out_and_grads(_norm_fns(backend)[kind], dirty, mask, w, b),
+                         _out_and_grads(_norm_fns("reference")[kind], clean, mask, w, b)):
+        assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name=kind)
