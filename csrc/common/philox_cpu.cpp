@@ -3,17 +3,14 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "checks.h"
 #include "philox.h"
+#include "philox_args.h"
 
 namespace tcm {
 namespace {
 
 at::Tensor philox4x32_10_cpu(const at::Tensor& counters, int64_t seed) {
-  TCM_CHECK_VALUE(counters.dim() == 2 && counters.size(1) == 4, "philox4x32_10", "counters must be [K, 4], got ",
-                  counters.sizes());
-  TCM_CHECK_TYPE(counters.scalar_type() == at::kLong, "philox4x32_10", "counters must be int64, got ",
-                 counters.scalar_type());
+  check_philox_counters(counters);
   const at::Tensor c = counters.contiguous();
   at::Tensor out = at::empty_like(c);
   const int64_t* in = c.data_ptr<int64_t>();

@@ -134,7 +134,7 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
             every back end. Use a new ``offset`` per step for independent masks.
             When ``seed`` is None, seed and offset are drawn from ``generator``
             (or the default CPU generator).
-        temperature: > 0; ``weighted`` samples with probability ~ score^(1/temperature).
+        temperature: in [1e-4, 1e4]; ``weighted`` samples with probability ~ score^(1/temperature).
         roi_threshold, roi_mask_ratio: ``stratified`` ROI cut and ROI masking ratio.
         hard_fraction: ``hardest``: share of M taken from the highest scores.
         backend: force ``"reference" | "cpu" | "triton" | "cuda"``; default picks
@@ -149,7 +149,8 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
         raise ValueError(f"{_OP}: strategy must be one of {STRATEGIES}, got {strategy!r}")
     b, n = scores.shape
     num_masked = _num_masked(mask_ratio, b, n)
-    temperature = check_real(_OP, "temperature", temperature, low=0.0, low_open=True, high=math.inf, high_open=True)
+    # Bounded so that 1/temperature and the scaled log-scores stay finite in fp32 on every back end.
+    temperature = check_real(_OP, "temperature", temperature, low=1e-4, high=1e4)
     roi_threshold = check_real(_OP, "roi_threshold", roi_threshold)
     if strategy == "stratified":
         if roi_mask_ratio is None:

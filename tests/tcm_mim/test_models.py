@@ -119,8 +119,8 @@ def _patch_mask(b, grid, ratio, seed=0):
 
 
 CASES = [
-    ("resnet_tiny", 2, (32, 32), 3),
-    ("convnext_tiny", 2, (32, 32), 1),
+    ("resnet_tiny", 2, (64, 64), 3),
+    ("convnext_tiny", 2, (64, 64), 1),
     ("resnet3d_tiny", 3, (16, 16, 16), 1),
 ]
 

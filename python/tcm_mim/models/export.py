@@ -77,7 +77,7 @@ def _swap(module: nn.Module) -> None:
     for name, child in module.named_children():
         twin = _dense_twin(child)
         if twin is not None:
-            setattr(module, name, twin)
+            setattr(module, name, twin.train(child.training))  # keep eval-mode norms in eval mode
         else:
             _swap(child)
 
@@ -97,4 +97,4 @@ def export_dense(encoder: nn.Module) -> DenseEncoder:
     """A dense copy of ``encoder`` (the original is untouched)."""
     dense = copy.deepcopy(encoder)
     _swap(dense)
-    return DenseEncoder(dense)
+    return DenseEncoder(dense).train(encoder.training)
