@@ -82,7 +82,8 @@ class SparKBatchNorm2d(torch.nn.BatchNorm1d):
 BN_CASES = [(16, 256, 56, 0.4), (16, 256, 56, 0.6)]
 
 
-@pytest.mark.parametrize("b,c,s,keep", BN_CASES, ids=[f"B{b}-C{c}-{s}x{s}-vis{int(k * 100)}" for b, c, s, k in BN_CASES])
+@pytest.mark.parametrize("b,c,s,keep", BN_CASES,
+                         ids=[f"B{b}-C{c}-{s}x{s}-vis{int(k * 100)}" for b, c, s, k in BN_CASES])
 @pytest.mark.parametrize("provider", ["spark_gather", "tcm_cpu"])
 def test_sparse_batch_norm_fwd_bwd(benchmark, provider, b, c, s, keep):
     if benchmark.disabled:  # CI smoke run: same code path, small shape
@@ -104,7 +105,9 @@ def test_sparse_batch_norm_fwd_bwd(benchmark, provider, b, c, s, keep):
     if not benchmark.disabled:
         step()  # warm-up: first-call allocations stay out of the probe
         peak = allocator_peak_bytes(step)
-    bytes_moved = 5 * x.numel() * 4  # ours: read x (stats), read x + write y, read dy + x (sums), read dy + x + write dx
+    # ours moves 8 tensors of x's size: read x (stats); read x, write y; read dy, x (sums); read dy, x, write dx.
+    # Both providers' rate column uses this count.
+    bytes_moved = 8 * x.numel() * 4
     run(benchmark, step, group=f"sparse_bn-fwd+bwd-B{b}-C{c}-{s}x{s}-vis{int(keep * 100)}", provider=provider,
         baseline=provider == "spark_gather", bytes_moved=bytes_moved, B=b, C=c, S=s, keep=keep, dtype="float32")
     _record_allocator_peak(benchmark, peak)
@@ -166,7 +169,7 @@ def test_recon_loss_fwd_bwd(benchmark, provider, shape, p):
     else:
         peak = None
     run(benchmark, step, group=f"recon_loss-fwd+bwd-{'x'.join(map(str, shape))}-p{p}", provider=provider,
-        baseline=provider == "mae_unfused", bytes_moved=5 * pred.numel() * 4, shape=list(shape), patch=p,
+        baseline=provider == "mae_unfused", bytes_moved=5 * pred.numel() * 4,  # read pred+target twice, write grad shape=list(shape), patch=p,
         dtype="float32")
     _record_allocator_peak(benchmark, peak)
 

@@ -81,7 +81,8 @@ class _PerPatchLoss(torch.autograd.Function):
 def _patch_tuple(patch_size, spatial: tuple[int, ...]) -> list[int]:
     ps = [patch_size] * len(spatial) if isinstance(patch_size, int) else list(patch_size)
     if len(ps) != len(spatial) or any([isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in ps]):
-        raise ValueError(f"{_OP}: patch_size must be a positive int or {len(spatial)} positive ints, got {patch_size!r}")
+        raise ValueError(f"{_OP}: patch_size must be a positive int or {len(spatial)} positive ints, "
+                         f"got {patch_size!r}")
     if any([s % p for s, p in zip(spatial, ps)]):
         raise ValueError(f"{_OP}: patch_size {tuple(ps)} must divide the spatial shape {spatial}")
     return ps

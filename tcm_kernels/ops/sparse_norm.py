@@ -209,7 +209,7 @@ def _flat(x: torch.Tensor, mask: torch.Tensor):
     return x.contiguous().reshape(b, c, sites), mask.contiguous().reshape(b, sites)
 
 
-def _run(op, x, mask, weight, bias, eps, kind, groups, stats, sync_group, backend):
+def _run(x, mask, weight, bias, eps, kind, groups, stats, sync_group, backend):
     x3, m2 = _flat(x, mask)
     y, mean, var, n = _MaskedNorm.apply(x3, m2, weight, bias, float(eps), kind, groups, stats, sync_group, backend)
     return y.reshape(x.shape), mean, var, n
@@ -260,7 +260,7 @@ def sparse_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean: torch.T
     if sync and training and dist.is_available() and dist.is_initialized():
         sync_group = process_group if process_group is not None else dist.group.WORLD
     stats = None if training else (running_mean, running_var)
-    y, mean, var, n = _run(op, x, mask, weight, bias, eps, "batch", 1, stats, sync_group, chosen)
+    y, mean, var, n = _run(x, mask, weight, bias, eps, "batch", 1, stats, sync_group, chosen)
     if training:
         torch._assert_async(n[0, 0] > 0, f"{op}: the batch has no active site; batch statistics are undefined")
         if running_mean is not None:
@@ -288,7 +288,7 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weig
     chosen = _choose_backend(x.device, backend)
     if chosen == "reference":
         return _ref.sparse_group_norm(x, mask, num_groups, weight, bias, eps)
-    return _run(op, x, mask, weight, bias, eps, "group", num_groups, None, None, chosen)[0]
+    return _run(x, mask, weight, bias, eps, "group", num_groups, None, None, chosen)[0]
 
 
 def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
@@ -304,7 +304,7 @@ def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tens
     chosen = _choose_backend(x.device, backend)
     if chosen == "reference":
         return _ref.sparse_instance_norm(x, mask, weight, bias, eps)
-    return _run(op, x, mask, weight, bias, eps, "instance", 1, None, None, chosen)[0]
+    return _run(x, mask, weight, bias, eps, "instance", 1, None, None, chosen)[0]
 
 
 def sparse_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,

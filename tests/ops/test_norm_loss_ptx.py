@@ -35,7 +35,8 @@ def sig_for(fn, dt, consts):
 report = {}
 kernels = [(sn._moments_kernel, {"BLOCK": 1024}), (sn._scale_shift_kernel, {"BLOCK": 1024}),
            (sn._grad_moments_kernel, {"BLOCK": 1024}), (sn._norm_backward_kernel, {"BLOCK": 1024}),
-           (rl._forward_kernel, {"NORM_PIX": True, "BLOCK": 512}), (rl._backward_kernel, {"NORM_PIX": True, "BLOCK": 512})]
+           (rl._forward_kernel, {"NORM_PIX": True, "BLOCK": 512}),
+           (rl._backward_kernel, {"NORM_PIX": True, "BLOCK": 512})]
 for cap in (80, 90):
     for dt in ("fp32", "fp16", "bf16"):
         for fn, consts in kernels:

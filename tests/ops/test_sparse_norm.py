@@ -184,7 +184,10 @@ def test_all_active_equals_dense_batchnorm_and_momentum_none():
 def test_eval_mode_uses_running_stats_and_gradients(backend):
     x, mask, w, b = _inputs((2, 3, 5, 6), torch.float64)
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
-    fn = lambda x, w, b: tcm_kernels.sparse_batch_norm(x, mask, rm, rv, w, b, training=False, backend=backend)  # noqa: E731
+
+    def fn(x, w, b):
+        return tcm_kernels.sparse_batch_norm(x, mask, rm, rv, w, b, training=False, backend=backend)
+
     want = ((x - rm.view(1, 3, 1, 1)) / (rv.view(1, 3, 1, 1) + 1e-5).sqrt() * w.view(1, 3, 1, 1)
             + b.view(1, 3, 1, 1)) * mask
     assert_close_verbose(fn(x, w, b), want, atol=1e-12, rtol=1e-12, name="eval")
