@@ -169,7 +169,7 @@ def test_recon_loss_fwd_bwd(benchmark, provider, shape, p):
     else:
         peak = None
     run(benchmark, step, group=f"recon_loss-fwd+bwd-{'x'.join(map(str, shape))}-p{p}", provider=provider,
-        baseline=provider == "mae_unfused", bytes_moved=5 * pred.numel() * 4,  # read pred+target twice, write grad shape=list(shape), patch=p,
+        baseline=provider == "mae_unfused", bytes_moved=5 * pred.numel() * 4,  # pred+target read twice, grad shape=list(shape), patch=p,
         dtype="float32")
     _record_allocator_peak(benchmark, peak)
 
