@@ -168,9 +168,9 @@ def test_recon_loss_fwd_bwd(benchmark, provider, shape, p):
         benchmark.extra_info["extra_mem_ratio"] = (peak - pred.numel() * 4) / (pred.numel() * 4)
     else:
         peak = None
+    bytes_moved = 5 * pred.numel() * 4  # ours: pred and target read in forward and in backward, grad written
     run(benchmark, step, group=f"recon_loss-fwd+bwd-{'x'.join(map(str, shape))}-p{p}", provider=provider,
-        baseline=provider == "mae_unfused", bytes_moved=5 * pred.numel() * 4,  # pred+target read twice, grad shape=list(shape), patch=p,
-        dtype="float32")
+        baseline=provider == "mae_unfused", bytes_moved=bytes_moved, shape=list(shape), patch=p, dtype="float32")
     _record_allocator_peak(benchmark, peak)
 
 
