@@ -14,6 +14,22 @@ TORCH_LIBRARY(tcm, m) {
       "sample_mask(Tensor scores, int num_masked, str strategy, int seed, int offset, float temperature, "
       "float roi_threshold, float roi_mask_ratio, float hard_fraction) -> (Tensor visible, Tensor ids_keep, "
       "Tensor ids_restore)");
+  // ---- sparse normalization and masked reconstruction loss ----
+  // Masked-dense x [B, C, L] with mask bool [B, L]; per-plane tensors are [B, C]
+  // in the opmath dtype of x (float32, or float64 for float64 x). See
+  // tcm_kernels/ops/sparse_norm.py and csrc/sparse_norm/sparse_norm_cpu.cpp.
+  m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor count, Tensor mean, Tensor m2)");
+  m.def("masked_scale_shift(Tensor x, Tensor mask, Tensor center, Tensor scale, Tensor shift) -> Tensor");
+  m.def("masked_grad_moments(Tensor dy, Tensor x, Tensor mask, Tensor center) -> (Tensor sum_dy, Tensor sum_dy_xc)");
+  m.def(
+      "masked_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor dy_scale, Tensor x_scale, Tensor center, "
+      "Tensor shift) -> Tensor");
+  // Per-patch (normalized-pixel) MSE of pred vs target [B, C, *S] -> per_patch [B, N];
+  // see tcm_kernels/ops/recon_loss.py.
+  m.def("recon_loss_forward(Tensor pred, Tensor target, int[] patch_size, bool norm_pix, float eps) -> Tensor");
+  m.def(
+      "recon_loss_backward(Tensor grad_per_patch, Tensor pred, Tensor target, int[] patch_size, bool norm_pix, "
+      "float eps) -> Tensor");
 }
 
 // The extension is loaded with `import tcm_kernels._C`; it defines no Python

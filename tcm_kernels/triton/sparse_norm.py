@@ -1,0 +1,177 @@
+"""Triton kernels of the sparse (masked) normalizations, mirroring csrc/sparse_norm/sparse_norm_cpu.cpp.
+
+Layout: x [B, C, L] contiguous, mask bool [B, L]; per-plane tensors [B, C] in the
+accumulation dtype (float32, float64 for float64 x). bf16/fp16 math is upcast.
+
+* reductions (moments, grad moments): one program per (b, c) plane walking L in
+  BLOCK tiles in a fixed order; a tile is reduced exactly (sum, then squared
+  deviations from the tile mean) and merged into the running (count, mean, M2)
+  with Chan's formula. No atomics: deterministic.
+* elementwise passes (scale_shift, norm_backward): grid (plane, L tile).
+Each launcher is a ``torch.library.custom_op`` so torch.compile treats it as one op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _moments_kernel(X, MASK, COUNT, MEAN, M2, C, L, BLOCK: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)  # b * C + c; int64 offsets: tensors may exceed 2^31 elements
+    b = plane // C
+    acc_ty = MEAN.dtype.element_ty
+    n = tl.zeros((), acc_ty)
+    mean = tl.zeros((), acc_ty)
+    m2 = tl.zeros((), acc_ty)
+    for start in range(0, L, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < L
+        on = tl.load(MASK + b * L + offs, mask=inb, other=0) != 0
+        # selects, not products with the mask: values at inactive sites (even NaN/inf) are ignored
+        x = tl.where(on, tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty), 0.0)
+        cnt = tl.sum(on.to(acc_ty), 0)
+        tile_mean = tl.sum(x, 0) / tl.maximum(cnt, 1.0)
+        dev = tl.where(on, x - tile_mean, 0.0)
+        q = tl.sum(dev * dev, 0)
+        total = n + cnt
+        share = cnt / tl.maximum(total, 1.0)   # 0 for an empty tile: nothing changes
+        delta = tile_mean - mean
+        mean += delta * share
+        m2 += q + delta * delta * n * share
+        n = total
+    tl.store(MEAN + plane, mean)
+    tl.store(M2 + plane, m2)
+    tl.store(COUNT + b, n, mask=(plane % C) == 0)
+
+
+@triton.jit
+def _scale_shift_kernel(X, MASK, CENTER, SCALE, SHIFT, Y, C, L, BLOCK: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < L
+    acc_ty = SCALE.dtype.element_ty
+    on = tl.load(MASK + (plane // C) * L + offs, mask=inb, other=0) != 0
+    x = tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty)
+    y = (x - tl.load(CENTER + plane)) * tl.load(SCALE + plane) + tl.load(SHIFT + plane)
+    tl.store(Y + plane * L + offs, tl.where(on, y, 0.0).to(Y.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _grad_moments_kernel(DY, X, MASK, CENTER, SUM_DY, SUM_DY_XC, C, L, BLOCK: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    b = plane // C
+    acc_ty = CENTER.dtype.element_ty
+    mu = tl.load(CENTER + plane)
+    s1 = tl.zeros((BLOCK,), acc_ty)
+    s2 = tl.zeros((BLOCK,), acc_ty)
+    for start in range(0, L, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < L
+        on = tl.load(MASK + b * L + offs, mask=inb, other=0) != 0
+        g = tl.where(on, tl.load(DY + plane * L + offs, mask=inb, other=0).to(acc_ty), 0.0)
+        x = tl.where(on, tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty), 0.0)
+        s1 += g
+        s2 += tl.where(on, g * (x - mu), 0.0)
+    tl.store(SUM_DY + plane, tl.sum(s1, 0))
+    tl.store(SUM_DY_XC + plane, tl.sum(s2, 0))
+
+
+@triton.jit
+def _norm_backward_kernel(DY, X, MASK, DY_SCALE, X_SCALE, CENTER, SHIFT, DX, C, L, BLOCK: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < L
+    acc_ty = CENTER.dtype.element_ty
+    on = tl.load(MASK + (plane // C) * L + offs, mask=inb, other=0) != 0
+    g = tl.load(DY + plane * L + offs, mask=inb, other=0).to(acc_ty)
+    x = tl.load(X + plane * L + offs, mask=inb, other=0).to(acc_ty)
+    dx = g * tl.load(DY_SCALE + plane) + (x - tl.load(CENTER + plane)) * tl.load(X_SCALE + plane) \
+        + tl.load(SHIFT + plane)
+    tl.store(DX + plane * L + offs, tl.where(on, dx, 0.0).to(DX.dtype.element_ty), mask=inb)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _block(length: int) -> int:
+    return min(_BLOCK, max(16, triton.next_power_of_2(max(length, 1))))
+
+
+@torch.library.custom_op("tcm_triton::masked_moments", mutates_args=())
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, c, length = x.shape
+    x, mask = x.contiguous(), mask.contiguous()
+    count = torch.zeros(b, dtype=_acc(x), device=x.device)
+    mean = torch.empty(b, c, dtype=_acc(x), device=x.device)
+    m2 = torch.empty_like(mean)
+    if b * c:
+        _moments_kernel[(b * c,)](x, mask, count, mean, m2, c, length, BLOCK=_block(length))
+    if c == 0:
+        count = mask.sum(1).to(_acc(x))
+    return count, mean, m2
+
+
+@masked_moments.register_fake
+def _(x, mask):
+    b, c, _ = x.shape
+    return x.new_empty((b,), dtype=_acc(x)), x.new_empty((b, c), dtype=_acc(x)), x.new_empty((b, c), dtype=_acc(x))
+
+
+@torch.library.custom_op("tcm_triton::masked_scale_shift", mutates_args=())
+def masked_scale_shift(x: torch.Tensor, mask: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
+                       shift: torch.Tensor) -> torch.Tensor:
+    b, c, length = x.shape
+    x, mask = x.contiguous(), mask.contiguous()
+    y = torch.empty_like(x)
+    if y.numel():
+        blk = _block(length)
+        _scale_shift_kernel[(b * c, triton.cdiv(length, blk))](x, mask, center.contiguous(), scale.contiguous(),
+                                                                shift.contiguous(), y, c, length, BLOCK=blk)
+    return y
+
+
+@masked_scale_shift.register_fake
+def _(x, mask, center, scale, shift):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("tcm_triton::masked_grad_moments", mutates_args=())
+def masked_grad_moments(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                        center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c, length = x.shape
+    sum_dy = torch.zeros(b, c, dtype=_acc(x), device=x.device)
+    sum_dy_xc = torch.zeros_like(sum_dy)
+    if b * c:
+        _grad_moments_kernel[(b * c,)](dy.contiguous(), x.contiguous(), mask.contiguous(), center.contiguous(),
+                                       sum_dy, sum_dy_xc, c, length, BLOCK=_block(length))
+    return sum_dy, sum_dy_xc
+
+
+@masked_grad_moments.register_fake
+def _(dy, x, mask, center):
+    return torch.empty_like(center), torch.empty_like(center)
+
+
+@torch.library.custom_op("tcm_triton::masked_norm_backward", mutates_args=())
+def masked_norm_backward(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dy_scale: torch.Tensor,
+                         x_scale: torch.Tensor, center: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    b, c, length = x.shape
+    x = x.contiguous()
+    dx = torch.empty_like(x)
+    if dx.numel():
+        blk = _block(length)
+        _norm_backward_kernel[(b * c, triton.cdiv(length, blk))](
+            dy.contiguous(), x, mask.contiguous(), dy_scale.contiguous(), x_scale.contiguous(), center.contiguous(),
+            shift.contiguous(), dx, c, length, BLOCK=blk)
+    return dx
+
+
+@masked_norm_backward.register_fake
+def _(dy, x, mask, dy_scale, x_scale, center, shift):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
