@@ -25,36 +25,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import tcm_kernels
-from benchmarks.common import run
+from benchmarks.common import allocator_peak_bytes, run
 from tcm_kernels.nn import SparseBatchNorm2d
-
-
-def allocator_peak_bytes(fn) -> int:
-    """Peak of live allocator bytes during ``fn()`` relative to its start (profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
-def _record_allocator_peak(benchmark, peak: int | None) -> None:
-    """Report the allocator peak as peak_mem_bytes (the runner's column), keeping the RSS probe's value.
-
-    The RSS probe of benchmarks.common misses memory that glibc reuses from earlier
-    calls without returning it to the OS (it reads 0 MB for both loss providers here).
-    """
-    if peak is None:
-        return
-    benchmark.extra_info["peak_mem_bytes_rss"] = benchmark.extra_info.get("peak_mem_bytes")
-    benchmark.extra_info["peak_mem_bytes"] = peak
 
 
 def _visible_grid(b: int, grid: tuple[int, ...], keep: float, seed: int = 0) -> torch.Tensor:
@@ -101,16 +75,11 @@ def test_sparse_batch_norm_fwd_bwd(benchmark, provider, b, c, s, keep):
         layer.zero_grad(set_to_none=True)
         layer(x, mask).backward(grad_out)
 
-    peak = None
-    if not benchmark.disabled:
-        step()  # warm-up: first-call allocations stay out of the probe
-        peak = allocator_peak_bytes(step)
     # ours moves 8 tensors of x's size: read x (stats); read x, write y; read dy, x (sums); read dy, x, write dx.
     # Both providers' rate column uses this count.
     bytes_moved = 8 * x.numel() * 4
     run(benchmark, step, group=f"sparse_bn-fwd+bwd-B{b}-C{c}-{s}x{s}-vis{int(keep * 100)}", provider=provider,
         baseline=provider == "spark_gather", bytes_moved=bytes_moved, B=b, C=c, S=s, keep=keep, dtype="float32")
-    _record_allocator_peak(benchmark, peak)
 
 
 # ------------------------------------------------------------------------------------------- reconstruction loss
@@ -163,15 +132,12 @@ def test_recon_loss_fwd_bwd(benchmark, provider, shape, p):
         ref = mae_unfused_loss(pred.detach(), target, vis, p)[0]
         got = tcm_kernels.masked_recon_loss(pred.detach(), target, vis, p)[0]
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # both providers compute the same loss
-        step()
-        peak = allocator_peak_bytes(step)
-        benchmark.extra_info["extra_mem_ratio"] = (peak - pred.numel() * 4) / (pred.numel() * 4)
-    else:
-        peak = None
     bytes_moved = 5 * pred.numel() * 4  # ours: pred and target read in forward and in backward, grad written
     run(benchmark, step, group=f"recon_loss-fwd+bwd-{'x'.join(map(str, shape))}-p{p}", provider=provider,
         baseline=provider == "mae_unfused", bytes_moved=bytes_moved, shape=list(shape), patch=p, dtype="float32")
-    _record_allocator_peak(benchmark, peak)
+    if not benchmark.disabled:  # run() measured the allocator peak (after a warm-up call)
+        peak = benchmark.extra_info["peak_mem_bytes"]
+        benchmark.extra_info["extra_mem_ratio"] = (peak - pred.numel() * 4) / (pred.numel() * 4)
 
 
 def test_allocator_peak_counts_temporaries():

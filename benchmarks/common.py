@@ -1,24 +1,33 @@
 """What every benchmark records: group, provider, baseline flag, shape, peak memory.
 
-Peak memory on the CPU is the rise of the process's peak resident set while the
-call runs: /proc/self/clear_refs resets VmHWM, then VmHWM - VmRSS(before) is read
-after one call. It counts every allocation (PyTorch's CPU allocator returns
-large blocks to the OS on free), so baselines and our kernels are measured alike.
-On CUDA it is torch.cuda.max_memory_allocated over the call.
+Peak memory on the CPU is the peak of bytes held by PyTorch's CPU allocator over one
+call, above what was allocated before it, from the profiler's allocation events
+(``profile_memory=True``: every alloc/free with its size, summed in time order). The
+resident set size cannot serve: memory that glibc reuses from earlier calls is never
+returned to the OS, so a second call shows no rise. On CUDA it is
+torch.cuda.max_memory_allocated over the call.
 """
 
 from __future__ import annotations
 
 import platform
-import re
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+def allocator_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of live CPU-allocator bytes during ``fn()`` relative to its start (profiler memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
@@ -30,14 +39,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return -1  # not Linux or not permitted: reported as unknown
-    before = _status_bytes("VmRSS")
-    fn()
-    return max(_status_bytes("VmHWM") - before, 0)
+    return allocator_peak_bytes(fn)
 
 
 def machine() -> str:
