@@ -14,6 +14,16 @@ TORCH_LIBRARY(tcm, m) {
       "sample_mask(Tensor scores, int num_masked, str strategy, int seed, int offset, float temperature, "
       "float roi_threshold, float roi_mask_ratio, float hard_fraction) -> (Tensor visible, Tensor ids_keep, "
       "Tensor ids_restore)");
+  // ---- submanifold sparse convolution (tcm_kernels/ops/submconv.py) ----
+  // x [B, C, *S] masked-dense, mask bool [B, 1, *S], weight [Cout, Cin/groups, *k] (odd k), same padding.
+  // chunk_rows: active rows per implicit-GEMM block (0 = sized to the cache).
+  m.def(
+      "submconv_forward(Tensor x, Tensor mask, Tensor weight, Tensor? bias, int[] dilation, int groups, "
+      "int chunk_rows) -> Tensor");
+  m.def(
+      "submconv_weight_grad(Tensor grad_out, Tensor x, Tensor mask, Tensor weight, int[] dilation, int groups, "
+      "int chunk_rows) -> Tensor");
+  m.def("submconv_kernel_map(Tensor mask) -> (Tensor grid, Tensor sites)");
 }
 
 // The extension is loaded with `import tcm_kernels._C`; it defines no Python
