@@ -34,6 +34,7 @@ namespace submconv {
 namespace {
 
 constexpr const char* kOp = "submconv";
+constexpr int64_t kRowBlock = 64;  // rows per block of the layout transposes (gather / scatter)
 
 struct Problem {
   Geometry geo;
@@ -112,44 +113,68 @@ at::Tensor gather_features(const at::Tensor& t, const Problem& p, const KernelMa
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "submconv_gather", [&] {
     const scalar_t* src = t5.const_data_ptr<scalar_t>();
     float* dst = out.mutable_data_ptr<float>();
-    at::parallel_for(0, n, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const Site s = decode_site(p.geo, sites[r]);
-        const scalar_t* base = src + s.b * sb + s.z * sz + s.y * sy + s.x * sx;
-        for (int64_t ch = 0; ch < c; ++ch) dst[r * c + ch] = static_cast<float>(base[ch * sc]);
+    // Blocks of kRowBlock rows: the block of X stays in L1 while each channel plane is read in
+    // ascending site order (a blocked transpose for channels-first inputs).
+    at::parallel_for(0, (n + kRowBlock - 1) / kRowBlock, 1, [&](int64_t lo, int64_t hi) {
+      int64_t offset[kRowBlock];
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const Site s = decode_site(p.geo, sites[r0 + r]);
+          offset[r] = s.b * sb + s.z * sz + s.y * sy + s.x * sx;
+        }
+        float* block = dst + r0 * c;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const scalar_t* plane = src + ch * sc;
+          for (int64_t r = 0; r < rows; ++r) block[r * c + ch] = static_cast<float>(plane[offset[r]]);
+        }
       }
     });
   });
   return out;
 }
 
-// Dense [B, C, *S] (contiguous, dtype of `like`) holding the compact rows Y [N, C], zeros elsewhere.
+// Dense [B, C, *S] (contiguous, dtype of `like`) holding the compact rows Y [N, C], zeros elsewhere. Each
+// channel plane is written once, in order (no separate zero fill); an image's rows of Y (read down one column
+// per plane) stay in cache while its planes are written.
 at::Tensor scatter_features(const at::Tensor& y, const at::Tensor& like, int64_t channels, const Problem& p,
                             const KernelMap& km) {
   std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
   shape[1] = channels;
-  at::Tensor out = at::zeros(shape, like.options());
-  const int64_t n = km.rows(), sites_per_image = p.geo.sites_per_image();
-  const int64_t* sites = km.sites.const_data_ptr<int64_t>();
+  at::Tensor out = at::empty(shape, like.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t sites_per_image = p.geo.sites_per_image();
+  const int32_t* grid = km.grid.const_data_ptr<int32_t>();
   const float* src = y.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "submconv_scatter", [&] {
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const int64_t b = sites[r] / sites_per_image, s = sites[r] % sites_per_image;
-        scalar_t* base = dst + b * channels * sites_per_image + s;
-        for (int64_t ch = 0; ch < channels; ++ch) base[ch * sites_per_image] = static_cast<scalar_t>(src[r * channels + ch]);
+    at::parallel_for(0, p.geo.batch * channels, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t plane = lo; plane < hi; ++plane) {
+        const int64_t b = plane / channels, ch = plane % channels;
+        const int32_t* rows = grid + b * sites_per_image;
+        scalar_t* o = dst + plane * sites_per_image;
+        for (int64_t s = 0; s < sites_per_image; ++s)
+          o[s] = rows[s] < 0 ? scalar_t(0) : static_cast<scalar_t>(src[rows[s] * channels + ch]);
       }
     });
   });
   return out;
 }
 
+// Rows per implicit-GEMM chunk. Measured on a 2-core AVX-512 machine (ResNet-50 stage shapes, see
+// docs/submconv.md): below ~256 rows the GEMM streams the weight once per few rows and loses up to 2x; above
+// ~512 the im2col block of small-C layers leaves L2. A shape-only rule: the weight-gradient partitions, which
+// must not depend on the thread count, use it as is.
 int64_t pick_chunk_rows(int64_t requested, int64_t row_floats) {
   if (requested > 0) return requested;
-  // Keep the im2col block around 256 KiB (L2 of one core) so the GEMM reads it from cache.
-  const int64_t rows = (256 * 1024 / 4) / std::max<int64_t>(row_floats, 1);
-  return std::clamp<int64_t>(rows / 16 * 16, 16, 1024);
+  const int64_t rows = (int64_t{1} << 20) / (4 * std::max<int64_t>(row_floats, 1));
+  return std::clamp<int64_t>(rows / 64 * 64, 256, 512);
+}
+
+// Forward chunks may also shrink so every thread gets work on small layers (no reduction across chunks).
+int64_t balance_chunk_rows(int64_t chunk, int64_t rows_total, int64_t requested) {
+  if (requested > 0) return requested;
+  const int64_t per_task = (rows_total + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  return std::clamp<int64_t>((per_task + 15) / 16 * 16, 64, chunk);
 }
 
 // A [rows, K * cin_g] im2col block of group `grp` for rows [r0, r0 + rows).
@@ -171,7 +196,7 @@ void fill_im2col(const Problem& p, const int32_t* grid, const int64_t* sites, co
   }
 }
 
-// Y [N, Cout] = submanifold conv of X [N, Cin] with wt [groups, K * cin_g, cout_g] (+ bias [Cout]).
+// Y [N, Cout] = submanifold conv of X [N, Cin] with wt [groups, cout_g, K * cin_g] (+ bias [Cout]).
 at::Tensor conv_rows(const Problem& p, const KernelMap& km, const at::Tensor& x, const at::Tensor& wt,
                      const float* bias, int64_t chunk_rows) {
   const int64_t n = km.rows(), taps = p.taps(), cin_g = p.cin_g(), cout_g = p.cout_g(), cout = p.cout;
@@ -183,7 +208,7 @@ at::Tensor conv_rows(const Problem& p, const KernelMap& km, const at::Tensor& x,
   if (n == 0) return y;
 
   if (cin_g == 1) {  // depthwise (channel multiplier m = cout_g): direct loop, wd [K, Cout]
-    const at::Tensor wd = wt.permute({1, 0, 2}).reshape({taps, cout}).contiguous();
+    const at::Tensor wd = wt.reshape({cout, taps}).t().contiguous();  // [K, Cout]
     const float* w = wd.const_data_ptr<float>();
     at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
@@ -207,7 +232,7 @@ at::Tensor conv_rows(const Problem& p, const KernelMap& km, const at::Tensor& x,
   }
 
   const int64_t row_floats = taps * cin_g;
-  const int64_t chunk = pick_chunk_rows(chunk_rows, row_floats);
+  const int64_t chunk = balance_chunk_rows(pick_chunk_rows(chunk_rows, row_floats), n, chunk_rows);
   const int64_t chunks = (n + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
     at::Tensor a = at::empty({chunk, row_floats}, x.options());
@@ -219,10 +244,10 @@ at::Tensor conv_rows(const Problem& p, const KernelMap& km, const at::Tensor& x,
         fill_im2col(p, grid, sites, xp, r0, rows, grp, a.mutable_data_ptr<float>());
         if (p.groups == 1) {
           at::Tensor out = y.narrow(0, r0, rows);
-          at::mm_out(out, a_rows, wt[0]);
+          at::mm_out(out, a_rows, wt[0].t());
         } else {
           at::Tensor out = c.narrow(0, 0, rows);
-          at::mm_out(out, a_rows, wt[grp]);
+          at::mm_out(out, a_rows, wt[grp].t());
           const float* cp = c.const_data_ptr<float>();
           for (int64_t r = 0; r < rows; ++r)
             std::copy(cp + r * cout_g, cp + (r + 1) * cout_g, yp + (r0 + r) * cout + grp * cout_g);
@@ -237,16 +262,17 @@ at::Tensor conv_rows(const Problem& p, const KernelMap& km, const at::Tensor& x,
   return y;
 }
 
-// Weight [Cout, Cin/g, *k] -> fp32 wt [groups, K * cin_g, cout_g] (im2col column order: tap-major).
+// Weight [Cout, Cin/g, *k] -> fp32 wt [groups, cout_g, K * cin_g] (im2col column order: tap-major). The GEMM
+// reads it transposed: moving Cout to the last dim instead would be a strided transpose costing ~10x more.
 at::Tensor weight_to_gemm(const at::Tensor& weight, const Problem& p) {
   return weight.to(at::kFloat)
       .reshape({p.groups, p.cout_g(), p.cin_g(), p.taps()})
-      .permute({0, 3, 2, 1})
-      .reshape({p.groups, p.taps() * p.cin_g(), p.cout_g()})
+      .permute({0, 1, 3, 2})
+      .reshape({p.groups, p.cout_g(), p.taps() * p.cin_g()})
       .contiguous();
 }
 
-// dW in GEMM layout [groups, K * cin_g, cout_g] from X [N, Cin] and G [N, Cout].
+// dW in GEMM layout [groups, cout_g, K * cin_g] from X [N, Cin] and G [N, Cout].
 at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Tensor& x, const at::Tensor& g,
                             int64_t chunk_rows) {
   const int64_t n = km.rows(), taps = p.taps(), cin_g = p.cin_g(), cout_g = p.cout_g(), cout = p.cout;
@@ -261,7 +287,7 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
   const int64_t partial_floats = p.groups * row_floats * cout_g;
   const int64_t parts = std::clamp<int64_t>((int64_t{64} << 20) / 4 / std::max<int64_t>(partial_floats, 1), 1,
                                             std::min<int64_t>(chunks, 8));
-  at::Tensor partial = at::zeros({parts, p.groups, row_floats, cout_g}, x.options());
+  at::Tensor partial = at::zeros({parts, p.groups, cout_g, row_floats}, x.options());
   const int64_t chunks_per_part = (chunks + parts - 1) / parts;
   at::parallel_for(0, parts, 1, [&](int64_t plo, int64_t phi) {
     at::Tensor a = at::empty({chunk, row_floats}, x.options());
@@ -270,7 +296,7 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
       for (int64_t ci = part * chunks_per_part; ci < std::min(chunks, (part + 1) * chunks_per_part); ++ci) {
         const int64_t r0 = ci * chunk, rows = std::min(chunk, n - r0);
         if (rows <= 0) break;
-        if (cin_g == 1) {  // depthwise: dW[k, co] += G[r, co] * X[nb(r, k), co / cout_g]
+        if (cin_g == 1) {  // depthwise: dW[co, k] += G[r, co] * X[nb(r, k), co / cout_g]
           for (int64_t r = r0; r < r0 + rows; ++r) {
             const Site s = decode_site(p.geo, sites[r]);
             const float* gr = gp + r * cout;
@@ -278,9 +304,8 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
               const int32_t nb = neighbour_row(p.geo, grid, s, k);
               if (nb < 0) continue;
               const float* xr = xp + nb * p.cin;
-              // GEMM layout [groups=Cin, K, cout_g]: element (c, k, j) is channel co = c * cout_g + j.
-              for (int64_t co = 0; co < cout; ++co) dw[(co / cout_g) * taps * cout_g + k * cout_g + co % cout_g] +=
-                  gr[co] * xr[co / cout_g];
+              // GEMM layout [groups, cout_g, K] is [Cout, K] here.
+              for (int64_t co = 0; co < cout; ++co) dw[co * taps + k] += gr[co] * xr[co / cout_g];
             }
           }
           continue;
@@ -290,7 +315,7 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
         for (int64_t grp = 0; grp < p.groups; ++grp) {
           fill_im2col(p, grid, sites, xp, r0, rows, grp, a.mutable_data_ptr<float>());
           at::Tensor dst = partial[part][grp];
-          dst.addmm_(a_rows.t(), g_rows.narrow(1, grp * cout_g, cout_g));
+          dst.addmm_(g_rows.narrow(1, grp * cout_g, cout_g).t(), a_rows);
         }
       }
     }
@@ -301,8 +326,8 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
 }
 
 at::Tensor gemm_to_weight(const at::Tensor& wt, const Problem& p, const at::Tensor& like) {
-  return wt.reshape({p.groups, p.taps(), p.cin_g(), p.cout_g()})
-      .permute({0, 3, 2, 1})
+  return wt.reshape({p.groups, p.cout_g(), p.taps(), p.cin_g()})
+      .permute({0, 1, 3, 2})
       .reshape(like.sizes())
       .to(like.scalar_type())
       .contiguous();
