@@ -265,7 +265,10 @@ at::Tensor conv_rows(const Problem& p, const KernelMap& km, const at::Tensor& x,
 // Weight [Cout, Cin/g, *k] -> fp32 wt [groups, cout_g, K * cin_g] (im2col column order: tap-major). The GEMM
 // reads it transposed: moving Cout to the last dim instead would be a strided transpose costing ~10x more.
 at::Tensor weight_to_gemm(const at::Tensor& weight, const Problem& p) {
-  return weight.to(at::kFloat)
+  // detach: for 1x1 kernels the result can be a view of weight, and at::mm_out refuses outputs computed
+  // from a tensor that still carries requires_grad (this kernel runs below autograd).
+  return weight.detach()
+      .to(at::kFloat)
       .reshape({p.groups, p.cout_g(), p.cin_g(), p.taps()})
       .permute({0, 1, 3, 2})
       .reshape({p.groups, p.cout_g(), p.taps() * p.cin_g()})
