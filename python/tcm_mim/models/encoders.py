@@ -1,0 +1,126 @@
+"""Sparse encoders (SparK): ResNet-style 2D/3D and a ConvNeXt-style depthwise variant.
+
+forward(x, mask) -> [(features_i, mask_i)] per stage, features masked-dense
+[B, C_i, *S / stride_i], mask_i bool [B, 1, *S / stride_i]. ``downsample_ratio`` is
+the stride of the last stage: the patch size of the MIM mask at image level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layers import BasicBlock, Bottleneck, ConvNeXtBlock, Stem, make_down, make_norm
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class _StagedEncoder(nn.Module):
+    """Stem, then stages separated by stride-2 sparse downsampling."""
+
+    stem: Stem
+    downs: nn.ModuleList
+    stages: nn.ModuleList
+
+    def __init__(self, stem_stride: int):
+        super().__init__()
+        self.stem_stride = stem_stride
+
+    @property
+    def downsample_ratio(self) -> int:
+        return self.stem_stride * 2 ** (len(self.stages) - 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x, mask = self.stem(x, mask)
+        out = []
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x, mask = self.downs[i - 1](x, mask)
+            for block in stage:
+                x = block(x, mask)
+            out.append((x, mask))
+        return out
+
+
+class SparseResNet(_StagedEncoder):
+    """ResNet-style sparse encoder (2D or 3D).
+
+    Args:
+        dim: 2 or 3 spatial dims.
+        in_channels: image channels.
+        block: ``"basic"`` (ResNet-18/34) or ``"bottleneck"`` (ResNet-50).
+        depths, widths: blocks and width per stage (output channels = width * expansion).
+        stem_stride: patchify stem stride (4 as in SparK's ResNets after conv + max-pool).
+        norm: ``"batch"`` (SparK), ``"instance"`` (AnatoMask / nnU-Net 3D) or ``"layer"``.
+    """
+
+    def __init__(self, dim: int = 2, in_channels: int = 1, block: str = "basic", depths: Sequence[int] = (2, 2, 2, 2),
+                 widths: Sequence[int] = (64, 128, 256, 512), stem_stride: int = 4, norm: str = "batch"):
+        super().__init__(stem_stride)
+        if dim not in (2, 3):
+            raise ValueError(f"SparseResNet: dim must be 2 or 3, got {dim}")
+        if block not in BLOCKS or len(depths) != len(widths) or not depths:
+            raise ValueError(f"SparseResNet: block in {tuple(BLOCKS)}, depths and widths of one length; "
+                             f"got {block!r}, {depths}, {widths}")
+        cls = BLOCKS[block]
+        self.stem = Stem(in_channels, widths[0], stem_stride, dim, norm)
+        self.downs, self.stages, self.channels = nn.ModuleList(), nn.ModuleList(), []
+        cin = widths[0]
+        for i, (depth, width) in enumerate(zip(depths, widths)):
+            if i > 0:
+                self.downs.append(make_down(cin, cin, 2, dim))
+            blocks = []
+            for _ in range(depth):
+                blocks.append(cls(cin, width, dim, norm))
+                cin = width * cls.expansion
+            self.stages.append(nn.ModuleList(blocks))
+            self.channels.append(cin)
+
+
+class _NormDown(nn.Module):
+    """ConvNeXt's downsampling layer: norm, then a stride-2 sparse downsample."""
+
+    def __init__(self, cin: int, cout: int, dim: int, norm: str):
+        super().__init__()
+        self.norm = make_norm(norm, cin, dim)
+        self.down = make_down(cin, cout, 2, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.down(self.norm(x, mask), mask)
+
+
+class SparseConvNeXt(_StagedEncoder):
+    """ConvNeXt-style sparse encoder: depthwise 7^d submanifold convs and channel LayerNorm."""
+
+    def __init__(self, dim: int = 2, in_channels: int = 1, depths: Sequence[int] = (2, 2, 6, 2),
+                 widths: Sequence[int] = (48, 96, 192, 384), stem_stride: int = 4, kernel: int = 7):
+        super().__init__(stem_stride)
+        self.stem = Stem(in_channels, widths[0], stem_stride, dim, "layer")
+        self.downs = nn.ModuleList(_NormDown(widths[i - 1], widths[i], dim, "layer") for i in range(1, len(widths)))
+        self.stages = nn.ModuleList(
+            nn.ModuleList(ConvNeXtBlock(w, w, dim, "layer", kernel) for _ in range(d)) for d, w in zip(depths, widths))
+        self.channels = list(widths)
+
+
+_CONFIGS = {
+    "resnet18": dict(block="basic", depths=(2, 2, 2, 2), widths=(64, 128, 256, 512)),
+    "resnet50": dict(block="bottleneck", depths=(3, 4, 6, 3), widths=(64, 128, 256, 512)),
+    "resnet_tiny": dict(block="basic", depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
+    "resnet3d": dict(block="basic", depths=(1, 1, 2, 2), widths=(32, 64, 128, 256), norm="instance"),
+    "resnet3d_tiny": dict(block="basic", depths=(1, 1, 1), widths=(8, 16, 32), norm="instance", stem_stride=2),
+}
+_CONVNEXT = {
+    "convnext_tiny": dict(depths=(1, 1, 2, 1), widths=(16, 32, 64, 128)),
+    "convnext_small": dict(depths=(2, 2, 6, 2), widths=(48, 96, 192, 384)),
+}
+
+
+def build_encoder(name: str, dim: int = 2, in_channels: int = 1, **overrides) -> _StagedEncoder:
+    """Encoder by name: resnet18, resnet50, resnet_tiny, resnet3d, resnet3d_tiny, convnext_tiny, convnext_small."""
+    if name in _CONFIGS:
+        return SparseResNet(dim=dim, in_channels=in_channels, **{**_CONFIGS[name], **overrides})
+    if name in _CONVNEXT:
+        return SparseConvNeXt(dim=dim, in_channels=in_channels, **{**_CONVNEXT[name], **overrides})
+    raise ValueError(f"build_encoder: name must be one of {sorted(_CONFIGS) + sorted(_CONVNEXT)}, got {name!r}")
