@@ -153,16 +153,10 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
     return torch.ops.tcm.submconv_forward(x, mask, weight, bias, dil, groups, chunk_rows)
 
 
-@torch.compiler.assume_constant_result
-def _resolve_backend(device_type: str, backend: str | None) -> str:
-    # A constant under torch.compile: the dispatcher query inside cannot be traced.
-    return _backend.choose_backend("submconv_forward", torch.device(device_type), backend)
-
-
 def _choose(x: torch.Tensor, backend: str | None) -> str:
     if backend in ("triton", "cuda"):
         raise NotImplementedError(f"{_OP}: backend={backend!r} is not implemented yet; use 'cpu' or 'reference'")
-    chosen = _resolve_backend(x.device.type, backend)
+    chosen = _backend.choose_backend("submconv_forward", x.device, backend)
     if chosen != "reference" and x.dtype not in _COMPILED_DTYPES:
         if backend is not None:
             raise TypeError(f"{_OP}: backend={backend!r} supports float32/float16/bfloat16, got "
