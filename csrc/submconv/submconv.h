@@ -40,19 +40,29 @@ TCM_HOST_DEVICE Site decode_site(const Geometry& g, int64_t linear) {
   return s;
 }
 
-// Row of the neighbour of `s` at kernel tap `k` (row-major over kd, kh, kw, the
-// order of the weight's trailing dims), or -1 when it is outside the grid or
-// inactive. Tap (i, j, l) reads the site displaced by ((i - kd/2) dd, ...):
+struct Offset {
+  int32_t dz, dy, dx;
+};
+
+// Displacement read by kernel tap `k` (row-major over kd, kh, kw, the order of the weight's trailing dims):
+// tap (i, j, l) reads the site displaced by ((i - kd/2) dd, (j - kh/2) dh, (l - kw/2) dw), i.e.
 // cross-correlation with "same" padding, as torch.nn.functional.conv*d.
-TCM_HOST_DEVICE int32_t neighbour_row(const Geometry& g, const int32_t* grid, const Site& s, int32_t k) {
+TCM_HOST_DEVICE Offset tap_offset(const Geometry& g, int32_t k) {
   const int32_t l = k % g.kw;
   const int32_t j = (k / g.kw) % g.kh;
   const int32_t i = k / (g.kw * g.kh);
-  const int64_t z = s.z + static_cast<int64_t>(i - g.kd / 2) * g.dd;
-  const int64_t y = s.y + static_cast<int64_t>(j - g.kh / 2) * g.dh;
-  const int64_t x = s.x + static_cast<int64_t>(l - g.kw / 2) * g.dw;
+  return Offset{(i - g.kd / 2) * g.dd, (j - g.kh / 2) * g.dh, (l - g.kw / 2) * g.dw};
+}
+
+// Row of the neighbour of `s` displaced by `o`, or -1 when it is outside the grid or inactive.
+TCM_HOST_DEVICE int32_t neighbour_row(const Geometry& g, const int32_t* grid, const Site& s, const Offset& o) {
+  const int64_t z = s.z + o.dz, y = s.y + o.dy, x = s.x + o.dx;
   if (z < 0 || z >= g.depth || y < 0 || y >= g.height || x < 0 || x >= g.width) return -1;
   return grid[((s.b * g.depth + z) * g.height + y) * g.width + x];
+}
+
+TCM_HOST_DEVICE int32_t neighbour_row(const Geometry& g, const int32_t* grid, const Site& s, int32_t k) {
+  return neighbour_row(g, grid, s, tap_offset(g, k));
 }
 
 }  // namespace submconv
