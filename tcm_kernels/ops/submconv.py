@@ -133,8 +133,8 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
         patch_size: hint that the mask is made of aligned p^d blocks at this scale
             (MIM masks). Validated; the compiled engine's implicit GEMM runs the
             same on any mask (see docs/submconv.md for why no separate path is used).
-        backend: ``"reference" | "cpu"``; default: compiled on CPU tensors, the
-            reference elsewhere (no GPU kernel yet).
+        backend: ``"reference" | "cpu" | "triton"``; default: the compiled engine on
+            CPU tensors, the Triton implicit GEMM on CUDA tensors.
         chunk_rows: active rows per implicit-GEMM block (0 = sized to the L2 cache).
 
     Returns:
@@ -150,19 +150,24 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
     chosen = _choose(x, backend)
     if chosen == "reference":
         return _ref.submanifold_conv(x, mask, weight, bias, dilation=tuple(dil), groups=groups)
+    if chosen == "triton":
+        from ..triton.submconv import submconv_triton
+
+        return submconv_triton(x, mask, weight, bias, dil, groups)
     return torch.ops.tcm.submconv_forward(x, mask, weight, bias, dil, groups, chunk_rows)
 
 
 def _choose(x: torch.Tensor, backend: str | None) -> str:
-    if backend in ("triton", "cuda"):
-        raise NotImplementedError(f"{_OP}: backend={backend!r} is not implemented yet; use 'cpu' or 'reference'")
+    if backend == "cuda":
+        raise NotImplementedError(f"{_OP}: backend='cuda' is not implemented (the GPU path is Triton); "
+                                  "use 'triton', 'cpu' or 'reference'")
     chosen = _backend.choose_backend("submconv_forward", x.device, backend)
     if chosen != "reference" and x.dtype not in _COMPILED_DTYPES:
         if backend is not None:
             raise TypeError(f"{_OP}: backend={backend!r} supports float32/float16/bfloat16, got "
                             f"{str(x.dtype).replace('torch.', '')}")
         return "reference"
-    return "reference" if chosen in ("triton", "cuda") else chosen
+    return chosen
 
 
 def _check_patch_alignment(mask: torch.Tensor, patch_size: int) -> None:

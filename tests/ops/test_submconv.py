@@ -276,3 +276,91 @@ def test_bad_input(backend):
         tcm_kernels.sparse_downsample(x[..., :10, :12], m[..., :10, :12], w, stride=2)
     with pytest.raises(ValueError, match="kernel size must be odd"):  # the compiled op checks too
         torch.ops.tcm.submconv_forward(x, m, torch.randn(6, 4, 2, 2), None, [1, 1], 1, 0)
+
+
+# ---- Triton implicit GEMM (interpreted on CPU tensors without a GPU; small shapes) ---------------------
+
+TRITON = backend_param(OP, "triton")
+
+
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.parametrize("nd,cin,cout,groups,k,dilation", [(2, 5, 7, 1, 3, 1), (3, 4, 6, 2, 3, 1), (2, 6, 6, 6, 5, 2),
+                                                           (2, 3, 20, 1, 1, 1), (3, 2, 2, 2, 3, 2)])
+def test_triton_forward_backward_vs_reference(backend, device, nd, cin, cout, groups, k, dilation):
+    x, m, w, b = (t.to(device) for t in make_case(nd, cin, cout, k, groups, spatial=(9, 7) if nd == 2 else (4, 5, 3)))
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    y = tcm_kernels.submanifold_conv(xs, m, ws, bs, groups=groups, dilation=dilation, backend=backend)
+    y_ref = ref.submanifold_conv(xr, m, wr, br, groups=groups, dilation=dilation)
+    assert_close_verbose(y, y_ref, atol=2e-5, rtol=2e-5, name="y")
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for name, a, e in [("grad_x", xs.grad, xr.grad), ("grad_w", ws.grad, wr.grad), ("grad_b", bs.grad, br.grad)]:
+        assert_close_verbose(a, e, atol=5e-5, rtol=5e-5, name=name)
+
+
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_error_rule(backend, device, dtype):
+    x, m, w, b = (t.to(device) for t in make_case(2, 8, 8, 3, spatial=(8, 8)))
+    oracle = ref.submanifold_conv(x.double(), m, w.double(), b.double())
+    ours = tcm_kernels.submanifold_conv(x.to(dtype), m, w.to(dtype), b.to(dtype), backend=backend)
+    dense = ref.submanifold_conv(x.to(dtype), m, w.to(dtype), b.to(dtype))
+    assert ours.dtype == dtype
+    err, dense_err = (ours.double() - oracle).abs().max().item(), (dense.double() - oracle).abs().max().item()
+    assert err <= 2 * dense_err + 1e-6, f"ours {err:.3e} > 2 x dense {dense_err:.3e}"
+
+
+@pytest.mark.parametrize("backend", [TRITON])
+def test_triton_empty_mask_and_opcheck(backend, device):
+    from tcm_kernels.triton.submconv import submconv_triton
+
+    x, m, w, b = (t.to(device) for t in make_case(2, 4, 4, 3, spatial=(5, 6)))
+    empty = torch.zeros_like(m)
+    assert bool((tcm_kernels.submanifold_conv(x, empty, w, b, backend=backend) == 0).all())
+    torch.library.opcheck(submconv_triton, (x.requires_grad_(), m, w.requires_grad_(), b, [1, 1], 1),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+_PTX_CHECK = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from tcm_kernels.triton import submconv as tsc
+
+ints = ["n_rows", "depth", "height", "width", "cin", "cout", "cin_g", "cout_g", "taps"]
+signature = {"x_ptr": "*fp16", "w_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp32", "grid_ptr": "*i32",
+             "sites_ptr": "*i64", "offsets_ptr": "*i32", **{n: "i32" for n in ints},
+             "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+report = {}
+for cap in (80, 90):
+    src = triton.compiler.ASTSource(fn=tsc._submconv_rows_kernel, signature=signature,
+                                    constexprs={"HAS_BIAS": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32})
+    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
+    ptx = k.asm["ptx"]
+    report[f"sm{cap}"] = {"target": re.search(r"\.target\s+(\S+)", ptx).group(1),
+                          "entry": "_submconv_rows_kernel" in ptx, "cubin_bytes": len(k.asm["cubin"])}
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def ptx_report():
+    """Compile in a fresh interpreter: under TRITON_INTERPRET=1 triton.jit does not build compilable kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_triton_kernel_compiles_to_ptx(ptx_report, cap):
+    entry = ptx_report[f"sm{cap}"]
+    assert entry["target"] == ("sm_80" if cap == 80 else "sm_90a") and entry["entry"] and entry["cubin_bytes"] > 0
