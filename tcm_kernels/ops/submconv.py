@@ -133,8 +133,9 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
         patch_size: hint that the mask is made of aligned p^d blocks at this scale
             (MIM masks). Validated; the compiled engine's implicit GEMM runs the
             same on any mask (see docs/submconv.md for why no separate path is used).
-        backend: ``"reference" | "cpu" | "triton"``; default: the compiled engine on
-            CPU tensors, the Triton implicit GEMM on CUDA tensors.
+        backend: ``"reference" | "cpu" | "triton" | "cuda"``; default: the compiled engine
+            on CPU tensors, the Triton implicit GEMM on CUDA tensors (``"cuda"``: CUDA kernel
+            map / gathers + cuBLAS GEMMs, compile-checked only).
         chunk_rows: active rows per implicit-GEMM block (0 = sized to the L2 cache).
 
     Returns:
@@ -158,10 +159,7 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
 
 
 def _choose(x: torch.Tensor, backend: str | None) -> str:
-    if backend == "cuda":
-        raise NotImplementedError(f"{_OP}: backend='cuda' is not implemented (the GPU path is Triton); "
-                                  "use 'triton', 'cpu' or 'reference'")
-    chosen = _backend.choose_backend("submconv_forward", x.device, backend)
+    chosen = _backend.choose_backend("submconv_forward", x.device, backend, has_cuda_kernel=True)
     if chosen != "reference" and x.dtype not in _COMPILED_DTYPES:
         if backend is not None:
             raise TypeError(f"{_OP}: backend={backend!r} supports float32/float16/bfloat16, got "
