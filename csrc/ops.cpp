@@ -30,6 +30,16 @@ TORCH_LIBRARY(tcm, m) {
   m.def(
       "recon_loss_backward(Tensor grad_per_patch, Tensor pred, Tensor target, int[] patch_size, bool norm_pix, "
       "float eps) -> Tensor");
+  // ---- submanifold sparse convolution (tcm_kernels/ops/submconv.py) ----
+  // x [B, C, *S] masked-dense, mask bool [B, 1, *S], weight [Cout, Cin/groups, *k] (odd k), same padding.
+  // chunk_rows: active rows per implicit-GEMM block (0 = sized to the cache).
+  m.def(
+      "submconv_forward(Tensor x, Tensor mask, Tensor weight, Tensor? bias, int[] dilation, int groups, "
+      "int chunk_rows) -> Tensor");
+  m.def(
+      "submconv_weight_grad(Tensor grad_out, Tensor x, Tensor mask, Tensor weight, int[] dilation, int groups, "
+      "int chunk_rows) -> Tensor");
+  m.def("submconv_kernel_map(Tensor mask) -> (Tensor grid, Tensor sites)");
 }
 
 // The extension is loaded with `import tcm_kernels._C`; it defines no Python

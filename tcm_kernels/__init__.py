@@ -1,14 +1,15 @@
 """tcm_kernels: PyTorch kernels for text-guided masked image modelling on medical images."""
 
 from . import _backend  # loads the compiled extension (or logs why not)
-from .ops.sample_mask import MaskSample, patch_scores, sample_mask, upsample_mask
-from .ops.recon_loss import masked_recon_loss
-from .ops.sparse_norm import (densify, sparse_batch_norm, sparse_group_norm, sparse_instance_norm,
-                              sparse_layer_norm)
 from . import nn
+from .ops.recon_loss import masked_recon_loss
+from .ops.sample_mask import MaskSample, patch_scores, sample_mask, upsample_mask
+from .ops.sparse_norm import densify, sparse_batch_norm, sparse_group_norm, sparse_instance_norm, sparse_layer_norm
+from .ops.submconv import sparse_downsample, submanifold_conv
+from .sparse_tensor import SparseTensor
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskSample", "patch_scores", "sample_mask", "upsample_mask"]
-__all__ += ["densify", "masked_recon_loss", "nn", "sparse_batch_norm", "sparse_group_norm", "sparse_instance_norm",
-            "sparse_layer_norm"]
+__all__ = ["MaskSample", "SparseTensor", "densify", "masked_recon_loss", "nn", "patch_scores", "sample_mask",
+           "sparse_batch_norm", "sparse_downsample", "sparse_group_norm", "sparse_instance_norm", "sparse_layer_norm",
+           "submanifold_conv", "upsample_mask"]

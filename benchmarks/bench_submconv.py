@@ -1,0 +1,173 @@
+"""Submanifold sparse convolution on this CPU vs what users run today.
+
+Baselines, side by side per layer shape and mask:
+* ``dense_emulation`` (baseline): SparK / AnatoMask, ``conv(x * mask) * mask`` through oneDNN;
+* ``spconv``: spconv 2.x ``SubMConv{2,3}d`` forward on the CPU (when installed), timed on its own
+  SparseConvTensor (conversion excluded);
+* ``tcm_cpu``: our compiled engine (implicit GEMM over cache-sized chunks of active rows);
+* ``mm_same_gemm``: one at::mm of the same useful work ([N_active, k^d C] x [k^d C, C]), the
+  reference rate for the GFLOP/s target (forward only);
+* ``kernel_map``: the kernel-map build alone (forward only).
+
+Every provider's output (and, for forward+backward, gradients) is compared with the
+dense reference before it is timed; a wrong one keeps its time but is named
+``<provider> (WRONG)`` and carries ``correct: False``. Useful FLOPs = 2 Cin Cout k^d / groups
+per active output site (x3 for forward+backward), for every provider.
+
+Shapes: ResNet-50's four stage widths of a 224^2 image (56^2 C64 ... 7^2 C512), batch 16,
+3x3 kernels; masks of SparK (patch 32, 60 % masked) and TCM (40 % masked); 3D: 96^3, patch 16,
+C 32 and 64, batch 2. ``--benchmark-disable`` (CI) shrinks every shape to batch 1 and 1/4 the side.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import tcm_kernels
+from benchmarks.common import run
+from tcm_kernels.reference import submconv as ref
+
+HAS_SPCONV = importlib.util.find_spec("spconv") is not None
+
+# (name, nd, side, channels, patch at this scale, batch)
+LAYERS_2D = [("r50_s1_56", 2, 56, 64, 8, 16), ("r50_s2_28", 2, 28, 128, 4, 16), ("r50_s3_14", 2, 14, 256, 2, 16),
+             ("r50_s4_7", 2, 7, 512, 1, 16)]
+LAYERS_3D = [("vol96_c32", 3, 96, 32, 16, 2), ("vol96_c64", 3, 96, 64, 16, 2)]
+MASKS = {"spark_vis40": 0.4, "tcm_vis60": 0.6}
+
+
+def patch_mask(batch: int, nd: int, side: int, patch: int, visible: float, seed: int = 0) -> torch.Tensor:
+    """bool [B, 1, *S]: exactly round(visible * patches) visible patches per image, patch-aligned."""
+    g = torch.Generator().manual_seed(seed)
+    grid = side // patch
+    n = grid**nd
+    keep = round(visible * n)
+    order = torch.rand(batch, n, generator=g).argsort(1)
+    coarse = torch.zeros(batch, n, dtype=torch.bool).scatter_(1, order[:, :keep], True)
+    coarse = coarse.reshape(batch, 1, *(grid,) * nd)
+    for dim in range(2, 2 + nd):
+        coarse = coarse.repeat_interleave(patch, dim=dim)
+    return coarse
+
+
+def setup(layer, visible: float, shrink: bool):
+    name, nd, side, c, patch, batch = layer
+    if shrink:  # CI smoke run: same code paths, small tensors
+        side, batch, patch = max(side // 4, 4), 1, max(patch // 4, 1)
+        side -= side % patch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, c, *(side,) * nd), generator=g)
+    mask = patch_mask(batch, nd, side, patch, visible)
+    w = torch.randn((c, c, *(3,) * nd), generator=g) / (9 * c) ** 0.5
+    return x, mask, w, patch
+
+
+def useful_flops(mask: torch.Tensor, w: torch.Tensor) -> float:
+    return 2.0 * w[0].numel() * w.shape[0] * int(mask.sum())
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.allclose(a, b, atol=1e-3 * max(b.abs().max().item(), 1.0), rtol=1e-3))
+
+
+def _spconv_forward(x, mask, w):
+    import spconv.pytorch as spconv
+
+    from tcm_kernels.sparse_tensor import weight_to_spconv
+
+    st = tcm_kernels.SparseTensor.from_dense(x, mask).to_spconv()
+    conv = (spconv.SubMConv2d if x.dim() == 4 else spconv.SubMConv3d)(x.shape[1], w.shape[0], 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weight_to_spconv(w))
+
+    def call():
+        with torch.no_grad():
+            return conv(st)
+
+    return call, lambda out: out.dense()
+
+
+def _provider(provider: str, x, mask, w, patch: int, backward: bool):
+    """(callable, function mapping its result to (y, grads...)) for one provider."""
+    if provider == "spconv":
+        call, to_dense = _spconv_forward(x, mask, w)
+        return call, lambda out: (to_dense(out),)
+    conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
+            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu")}[provider]
+    if not backward:
+        return (lambda: conv(x, w)), (lambda y: (y,))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    grad = torch.randn((x.shape[0], w.shape[0], *x.shape[2:]), generator=torch.Generator().manual_seed(1))
+
+    def call():
+        xg.grad = wg.grad = None
+        y = conv(xg, wg)
+        y.backward(grad)
+        return y
+
+    return call, lambda y: (y.detach(), xg.grad, wg.grad)
+
+
+def _reference(x, mask, w, backward: bool):
+    call, unpack = _provider("dense_emulation", x, mask, w, 1, backward)
+    return [t.clone() for t in unpack(call())]
+
+
+def _bench(benchmark, layer, mask_name, provider, backward):
+    x, mask, w, patch = setup(layer, MASKS[mask_name], benchmark.disabled)
+    flops = useful_flops(mask, w) * (3 if backward else 1)
+    mode = "fwd_bwd" if backward else "fwd"
+    group = f"submconv-{layer[0]}-{mask_name}-{mode}"
+    info = dict(shape=list(x.shape), dtype="float32", visible=MASKS[mask_name], patch=patch, mode=mode)
+    if provider in ("mm_same_gemm", "kernel_map"):
+        n = int(mask.sum())
+        if provider == "mm_same_gemm":
+            a, b = torch.randn(n, w[0].numel()), torch.randn(w[0].numel(), w.shape[0])
+            call = lambda: a @ b  # noqa: E731
+        else:
+            call = lambda: torch.ops.tcm.submconv_kernel_map(mask)  # noqa: E731
+        run(benchmark, call, group=group, provider=provider, flops=flops if provider == "mm_same_gemm" else None,
+            **info)
+        return
+    call, unpack = _provider(provider, x, mask, w, patch, backward)
+    expected = _reference(x, mask, w, backward)
+    got = unpack(call())
+    correct = all(_close(a, e) for a, e in zip(got, expected))
+    name = provider if correct else f"{provider} (WRONG)"
+    run(benchmark, call, group=group, provider=name, baseline=provider == "dense_emulation", flops=flops,
+        correct=correct, **info)
+
+
+PROVIDERS_FWD = ["dense_emulation", "tcm_cpu", "mm_same_gemm", "kernel_map",
+                 pytest.param("spconv", marks=pytest.mark.skipif(not HAS_SPCONV, reason="spconv not installed"))]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS_FWD)
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("layer", LAYERS_2D, ids=[l[0] for l in LAYERS_2D])
+def test_submconv_2d_forward(benchmark, layer, mask_name, provider):
+    _bench(benchmark, layer, mask_name, provider, backward=False)
+
+
+@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu"])  # spconv's CPU build has no backward
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("layer", LAYERS_2D, ids=[l[0] for l in LAYERS_2D])
+def test_submconv_2d_forward_backward(benchmark, layer, mask_name, provider):
+    _bench(benchmark, layer, mask_name, provider, backward=True)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS_FWD)
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("layer", LAYERS_3D, ids=[l[0] for l in LAYERS_3D])
+def test_submconv_3d_forward(benchmark, layer, mask_name, provider):
+    _bench(benchmark, layer, mask_name, provider, backward=False)
+
+
+@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu"])
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("layer", LAYERS_3D, ids=[l[0] for l in LAYERS_3D])
+def test_submconv_3d_forward_backward(benchmark, layer, mask_name, provider):
+    _bench(benchmark, layer, mask_name, provider, backward=True)

@@ -1,0 +1,46 @@
+"""Plain-PyTorch oracle of the submanifold sparse convolution: SparK's dense emulation.
+
+Submanifold semantics: the active set never grows. The result is the dense
+convolution of the masked input, masked again, so inactive sites are exactly 0
+and an active site only sees active neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_CONV = {2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def as_tuple(value: int | tuple[int, ...] | list[int], nd: int) -> tuple[int, ...]:
+    """``value`` as ``nd`` ints (an int is repeated)."""
+    return (int(value),) * nd if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     dilation: int | tuple[int, ...] = 1, groups: int = 1) -> torch.Tensor:
+    """``conv(x * mask) * mask`` with "same" padding; x [B, C, *S], mask bool [B, 1, *S], weight [Cout, C/groups, *k]."""
+    nd = x.dim() - 2
+    dil = as_tuple(dilation, nd)
+    padding = tuple(d * (k - 1) // 2 for d, k in zip(dil, weight.shape[2:]))
+    m = mask.to(x.dtype)
+    return _CONV[nd](x * m, weight, bias, padding=padding, dilation=dil, groups=groups) * m
+
+
+def downsample_mask(mask: torch.Tensor, stride: int | tuple[int, ...]) -> torch.Tensor:
+    """bool [B, 1, *S] -> bool [B, 1, *(S // stride)]: a coarse site is active if any fine site under it is."""
+    nd = mask.dim() - 2
+    s = as_tuple(stride, nd)
+    return _MAX_POOL[nd](mask.float(), kernel_size=s, stride=s) > 0
+
+
+def sparse_downsample(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      stride: int | tuple[int, ...] = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strided conv with kernel = stride of the masked input; output masked by the max-pooled mask."""
+    nd = x.dim() - 2
+    s = as_tuple(stride, nd)
+    mask_out = downsample_mask(mask, s)
+    y = _CONV[nd](x * mask.to(x.dtype), weight, bias, stride=s)
+    return y * mask_out.to(y.dtype), mask_out

@@ -1,0 +1,105 @@
+"""SubMConv{2,3}d / SparseDownsample{2,3}d modules and the SparseTensor layout."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import tcm_kernels
+import tcm_kernels.nn as tnn
+from tcm_kernels.reference import submconv as ref
+from tcm_kernels.sparse_tensor import weight_from_spconv, weight_to_spconv
+from tests.utils import assert_close_verbose
+
+HAS_SPCONV = importlib.util.find_spec("spconv") is not None
+needs_spconv = pytest.mark.skipif(not HAS_SPCONV, reason="spconv not installed (pip install spconv; extra 'bench')")
+
+
+def case(nd, c=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spatial = (8, 6) if nd == 2 else (4, 6, 4)
+    x = torch.randn((2, c, *spatial), generator=g)
+    mask = torch.rand((2, 1, *spatial), generator=g) < 0.5
+    return x * mask, mask
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_sparse_tensor_round_trip(nd):
+    x, mask = case(nd)
+    st = tcm_kernels.SparseTensor.from_dense(x, mask)
+    assert st.features.shape == (int(mask.sum()), 4) and st.coords.dtype == torch.int32
+    assert torch.equal(st.coords[:, 0], mask[:, 0].nonzero()[:, 0].int())
+    xd, md = st.dense()
+    assert torch.equal(md, mask) and torch.equal(xd, x)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_modules_accept_both_layouts(nd):
+    torch.manual_seed(0)
+    x, mask = case(nd)
+    conv = (tnn.SubMConv2d if nd == 2 else tnn.SubMConv3d)(4, 6, 3, groups=2)
+    y = conv(x, mask)
+    assert_close_verbose(y, ref.submanifold_conv(x, mask, conv.weight, conv.bias, groups=2), atol=1e-5, rtol=1e-5,
+                         name="module")
+    ys = conv(tcm_kernels.SparseTensor.from_dense(x, mask))
+    assert isinstance(ys, tcm_kernels.SparseTensor)
+    assert_close_verbose(ys.dense()[0], y, atol=1e-6, rtol=1e-6, name="sparse layout")
+    down = (tnn.SparseDownsample2d if nd == 2 else tnn.SparseDownsample3d)(4, 8, 2)
+    yd, md = down(x, mask)
+    yr, mr = ref.sparse_downsample(x, mask, down.weight, down.bias, stride=2)
+    assert torch.equal(md, mr)
+    assert_close_verbose(yd, yr, atol=1e-5, rtol=1e-5, name="downsample")
+    sd = down(tcm_kernels.SparseTensor.from_dense(x, mask))
+    assert torch.equal(sd.dense()[1], md) and torch.equal(sd.dense()[0], yd)
+    assert "kernel_size=3" in repr(conv) and "stride=2" in repr(down)
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        tnn.SubMConv2d(4, 4, 2)
+    with pytest.raises(ValueError, match="divisible by groups=3"):
+        tnn.SubMConv2d(4, 6, 3, groups=3)
+    conv = tnn.SubMConv2d(4, 4, 3)
+    x, mask = case(2)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        conv(x)
+    with pytest.raises(ValueError, match="either a SparseTensor or"):
+        conv(tcm_kernels.SparseTensor.from_dense(x, mask), mask)
+    with pytest.raises(ValueError, match="coords must be \\[N=3, 3\\]"):
+        tcm_kernels.SparseTensor(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.int32), (4, 4), 1)
+
+
+def test_spconv_weight_layout():
+    w = torch.randn(5, 3, 3, 1, 7)
+    assert weight_to_spconv(w).shape == (5, 3, 1, 7, 3)
+    assert torch.equal(weight_from_spconv(weight_to_spconv(w)), w)
+    assert torch.equal(weight_to_spconv(w)[:, 2, 0, 4, :], w[:, :, 2, 0, 4])
+
+
+@needs_spconv
+@pytest.mark.parametrize("nd", [2, 3])
+def test_spconv_round_trip(nd):
+    x, mask = case(nd)
+    st = tcm_kernels.SparseTensor.from_dense(x, mask)
+    sp = st.to_spconv()
+    assert torch.equal(sp.indices, st.coords) and torch.equal(sp.features, st.features)
+    assert list(sp.spatial_shape) == list(x.shape[2:]) and sp.batch_size == 2
+    back = tcm_kernels.SparseTensor.from_spconv(sp)
+    assert torch.equal(back.dense()[0], x) and torch.equal(back.dense()[1], mask)
+    assert torch.equal(sp.dense(), x)  # spconv's own densify agrees with ours
+
+
+@needs_spconv
+@pytest.mark.gpu
+def test_spconv_numerics_on_gpu():
+    """spconv's CPU SubMConv is wrong (see docs/submconv.md), so its numbers are compared on a GPU only."""
+    import spconv.pytorch as spconv
+
+    x, mask = case(3, c=8)
+    conv = spconv.SubMConv3d(8, 8, 3, bias=False, indice_key="k").cuda()
+    st = tcm_kernels.SparseTensor.from_dense(x.cuda(), mask.cuda())
+    out = conv(st.to_spconv()).dense()
+    expected = ref.submanifold_conv(x.cuda(), mask.cuda(), weight_from_spconv(conv.weight.detach()))
+    assert_close_verbose(out, expected, atol=1e-4, rtol=1e-4, name="spconv gpu")
