@@ -20,13 +20,10 @@ namespace {
 
 // Per-row scratch, reused across the rows of one task.
 struct RowScratch {
-  std::vector<uint64_t> key;     // the key of every patch (or kExcluded)
-  std::vector<uint64_t> sorted;  // copy for nth_element
-  std::vector<uint64_t> words;   // random words, kept while the strata are cut
-  explicit RowScratch(int64_t n) : key(n), sorted(n), words(n) {}
+  std::vector<uint64_t> key;     // per-patch keys (packed or 64-bit)
+  std::vector<uint64_t> sorted;  // working copy / second stratum for nth_element
+  explicit RowScratch(int64_t n) : key(n), sorted(n) {}
 };
-
-constexpr uint64_t kExcluded = ~uint64_t{0};  // above every 32-bit key: never selected
 
 // The key loops are plain element-wise loops over the row so that the compiler
 // vectorises Philox and the portable log; target_clones adds an AVX2 version
@@ -38,8 +35,12 @@ constexpr uint64_t kExcluded = ~uint64_t{0};  // above every 32-bit key: never s
 #define TCM_CLONES
 #endif
 
-TCM_CLONES void random_keys(uint64_t* key, int64_t n, uint64_t seed, uint64_t offset, uint32_t row) {
-  for (int64_t i = 0; i < n; ++i) key[i] = patch_words(seed, offset, row, static_cast<uint32_t>(i)).x[0];
+// 32-bit keys are packed as key << 32 | patch: the packed values are unique and order
+// exactly as (key, patch), so the k smallest packed values are the selection itself.
+TCM_HOST_DEVICE uint64_t pack(uint64_t key32, int64_t patch) { return (key32 << 32) | static_cast<uint64_t>(patch); }
+
+TCM_CLONES void packed_random_keys(uint64_t* key, int64_t n, uint64_t seed, uint64_t offset, uint32_t row) {
+  for (int64_t i = 0; i < n; ++i) key[i] = pack(patch_words(seed, offset, row, static_cast<uint32_t>(i)).x[0], i);
 }
 
 TCM_CLONES void weighted_keys(uint64_t* key, const float* score, int64_t n, const Params& p, uint32_t row) {
@@ -47,9 +48,16 @@ TCM_CLONES void weighted_keys(uint64_t* key, const float* score, int64_t n, cons
     key[i] = weighted_key(score[i], p.inv_temperature, patch_words(p.seed, p.offset, row, static_cast<uint32_t>(i)));
 }
 
-// Masks the k smallest (key, index) among the non-excluded patches: the k-th
-// smallest key t by nth_element, then every key < t and the lowest-index keys == t.
-void mask_smallest(RowScratch& rs, int64_t n, int64_t k, uint8_t* masked) {
+// Masks the k smallest of `count` packed candidates (consumed in place).
+void mask_smallest_packed(uint64_t* cand, int64_t count, int64_t k, uint8_t* masked) {
+  if (k <= 0) return;
+  if (k < count) std::nth_element(cand, cand + (k - 1), cand + count);
+  for (int64_t i = 0; i < k; ++i) masked[static_cast<uint32_t>(cand[i])] = 1;
+}
+
+// Masks the k smallest (64-bit key, index): the k-th smallest key t by nth_element,
+// then every key < t and the lowest-index keys == t.
+void mask_smallest_wide(RowScratch& rs, int64_t n, int64_t k, uint8_t* masked) {
   if (k <= 0) return;
   std::copy(rs.key.begin(), rs.key.begin() + n, rs.sorted.begin());
   std::nth_element(rs.sorted.begin(), rs.sorted.begin() + (k - 1), rs.sorted.begin() + n);
@@ -67,35 +75,40 @@ void sample_row(const float* scores, int64_t n, int64_t num_masked, const Params
                 uint8_t* masked, RowScratch& rs) {
   std::fill(masked, masked + n, uint8_t{0});
   uint64_t* key = rs.key.data();
+  uint64_t* other = rs.sorted.data();
   switch (p.strategy) {
     case kUniform:
-      random_keys(key, n, p.seed, p.offset, row);
-      mask_smallest(rs, n, num_masked, masked);
+      packed_random_keys(key, n, p.seed, p.offset, row);
+      mask_smallest_packed(key, n, num_masked, masked);
       break;
     case kWeighted:
       weighted_keys(key, scores, n, p, row);
-      mask_smallest(rs, n, num_masked, masked);
+      mask_smallest_wide(rs, n, num_masked, masked);
       break;
     case kStratified: {
-      int64_t n_roi = 0;
-      for (int64_t i = 0; i < n; ++i) n_roi += scores[i] >= p.roi_threshold;
-      const int64_t m_roi = stratified_roi_budget(n, n_roi, num_masked, p.roi_mask_ratio);
-      random_keys(rs.words.data(), n, p.seed, p.offset, row);
-      for (int pass = 0; pass < 2; ++pass) {  // ROI stratum, then background
-        const bool want_roi = pass == 0;
-        for (int64_t i = 0; i < n; ++i) key[i] = (scores[i] >= p.roi_threshold) == want_roi ? rs.words[i] : kExcluded;
-        mask_smallest(rs, n, want_roi ? m_roi : num_masked - m_roi, masked);
+      packed_random_keys(other, n, p.seed, p.offset, row);
+      int64_t n_roi = 0, n_bg = 0;  // compact the strata: ROI to the front of key, background behind it
+      for (int64_t i = 0; i < n; ++i) {
+        if (scores[i] >= p.roi_threshold) key[n_roi++] = other[i];
       }
+      for (int64_t i = 0; i < n; ++i) {
+        if (!(scores[i] >= p.roi_threshold)) key[n_roi + n_bg++] = other[i];
+      }
+      const int64_t m_roi = stratified_roi_budget(n, n_roi, num_masked, p.roi_mask_ratio);
+      mask_smallest_packed(key, n_roi, m_roi, masked);
+      mask_smallest_packed(key + n_roi, n_bg, num_masked - m_roi, masked);
       break;
     }
     case kHardest: {
       const int64_t n_hard = hardest_budget(num_masked, p.hard_fraction);
-      for (int64_t i = 0; i < n; ++i) key[i] = hardest_score_key(scores[i]);
-      mask_smallest(rs, n, n_hard, masked);
-      random_keys(key, n, p.seed, p.offset, row);
-      for (int64_t i = 0; i < n; ++i)
-        if (masked[i]) key[i] = kExcluded;
-      mask_smallest(rs, n, num_masked - n_hard, masked);
+      for (int64_t i = 0; i < n; ++i) key[i] = pack(hardest_score_key(scores[i]), i);
+      mask_smallest_packed(key, n, n_hard, masked);
+      packed_random_keys(other, n, p.seed, p.offset, row);
+      int64_t rest = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!masked[i]) key[rest++] = other[i];
+      }
+      mask_smallest_packed(key, rest, num_masked - n_hard, masked);
       break;
     }
   }
