@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     log.warning("tcm_kernels: compiled kernels not loaded (%s); using the PyTorch reference", exc)
 
 
+@torch.compiler.assume_constant_result  # registration does not change while a graph runs
 def compiled_available(op: str, device_type: str = "cpu") -> bool:
     """Whether ``torch.ops.tcm.<op>`` has a kernel registered for ``device_type``."""
     if _LOAD_ERROR is not None:
@@ -40,6 +41,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def triton_available() -> bool:
     try:

@@ -81,6 +81,11 @@ def _sample_mask_fake(scores, num_masked, strategy, seed, offset, temperature, r
             scores.new_empty((b, n), dtype=torch.int64))
 
 
+@torch.library.register_fake("tcm::philox4x32_10")
+def _philox_fake(counters, seed):
+    return torch.empty_like(counters)
+
+
 def _num_masked(mask_ratio: float | torch.Tensor, b: int, n: int) -> int:
     if isinstance(mask_ratio, torch.Tensor):
         if mask_ratio.dim() != 1 or mask_ratio.shape[0] != b:

@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark) and the runner `python -m benchmarks`."""
