@@ -21,7 +21,6 @@ positive logit S_ii non-finite, hence loss entry i and the mean loss are NaN or 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -49,14 +48,14 @@ def _lse_backward_fake(x, y, inv_t, row_lse, col_lse, grad_row_lse, grad_col_lse
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(inv_t)
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     x, y, inv_t, with_col, block = inputs
     row_lse, col_lse = output
     ctx.save_for_backward(x, y, inv_t, row_lse, col_lse)
     ctx.block = block
 
 
-def _make_backward(backward_op):
+def make_backward(backward_op):
     def backward(ctx, grad_row_lse, grad_col_lse):
         x, y, inv_t, row_lse, col_lse = ctx.saved_tensors
         # An unused output arrives as None: its statistics simply get zero weight.
@@ -72,18 +71,8 @@ def _make_backward(backward_op):
 if _backend.compiled_available("info_nce_lse"):
     torch.library.register_fake("tcm::info_nce_lse")(_lse_fake)
     torch.library.register_fake("tcm::info_nce_lse_backward")(_lse_backward_fake)
-    torch.library.register_autograd("tcm::info_nce_lse", _make_backward(torch.ops.tcm.info_nce_lse_backward),
-                                    setup_context=_setup_context)
-
-
-@functools.cache
-def _triton_lse():
-    """The Triton custom op, with autograd registered on first use (imports triton lazily)."""
-    from ..triton import info_nce as tri
-
-    torch.library.register_autograd(tri.info_nce_lse_triton, _make_backward(tri.info_nce_lse_backward_triton),
-                                    setup_context=_setup_context)
-    return tri.info_nce_lse_triton
+    torch.library.register_autograd("tcm::info_nce_lse", make_backward(torch.ops.tcm.info_nce_lse_backward),
+                                    setup_context=setup_context)
 
 
 def _logsumexp(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, with_col: bool, backend: str,
@@ -91,7 +80,9 @@ def _logsumexp(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, with_col: 
     if backend == "reference":
         return _ref.logsumexp_rows_cols(x, y, inv_t, with_col)
     if backend == "triton":
-        return _triton_lse()(x, y, inv_t, with_col, 0 if block_size is None else block_size)
+        from ..triton.info_nce import info_nce_lse_triton  # imports triton only when used
+
+        return info_nce_lse_triton(x, y, inv_t, with_col, 0 if block_size is None else block_size)
     return torch.ops.tcm.info_nce_lse(x, y, inv_t, with_col, CPU_BLOCK if block_size is None else block_size)
 
 

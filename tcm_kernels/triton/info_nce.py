@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from ..ops.info_nce import make_backward, setup_context
 
 
 @triton.jit
@@ -197,3 +198,7 @@ def info_nce_lse_backward_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.
 @info_nce_lse_backward_triton.register_fake
 def _(x, y, inv_t, row_lse, col_lse, grad_row_lse, grad_col_lse, block):
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(inv_t)
+
+
+torch.library.register_autograd(info_nce_lse_triton, make_backward(info_nce_lse_backward_triton),
+                                setup_context=setup_context)
