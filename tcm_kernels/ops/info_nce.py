@@ -34,7 +34,7 @@ _OP = "info_nce"
 REDUCTIONS = ("mean", "sum", "none")
 # Rows/columns per tile of the compiled CPU kernel: big enough for an efficient
 # GEMM per tile, small enough that the tiles of all threads stay in L2.
-CPU_BLOCK = 256
+CPU_BLOCK = 512
 
 
 # ---- compiled op: fake implementations and autograd -------------------------------------------
@@ -154,7 +154,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float | torch.Ten
         reduction: ``"mean" | "sum" | "none"`` over the pairs; ``"none"`` gives [B] (the mean of
             both directions when symmetric).
         normalize: L2-normalise a and b along D first (``F.normalize``, differentiable).
-        block_size: rows/columns per tile (default 256 on CPU; chosen from D on Triton, where it must
+        block_size: rows/columns per tile (default 512 on CPU; chosen from D on Triton, where it must
             be a power of two >= 16).
         backend: force ``"reference" | "cpu" | "triton"``; default: Triton for CUDA tensors,
             the compiled kernel for CPU tensors.
