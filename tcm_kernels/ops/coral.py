@@ -14,14 +14,10 @@ from __future__ import annotations
 import torch
 
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ..reference.coral import covariance
 from ..reference.info_nce import accumulate_dtype
 
 _OP = "coral_loss"
-
-
-def _covariance(x: torch.Tensor) -> torch.Tensor:
-    centred = x - x.mean(dim=0, keepdim=True)
-    return centred.T @ centred / (x.shape[0] - 1)
 
 
 def _check_features(op: str, name: str, x: object) -> torch.Tensor:
@@ -134,5 +130,5 @@ def coral_loss(source: torch.Tensor, target: torch.Tensor | CovarianceQueue) -> 
         if target.dtype != source.dtype:
             raise TypeError(f"{_OP}: source and target must have the same dtype, got {source.dtype} and "
                             f"{target.dtype}")
-        target_cov = _covariance(target.to(acc))
-    return (_covariance(source.to(acc)) - target_cov).pow(2).sum() / (4 * d * d)
+        target_cov = covariance(target.to(acc))
+    return (covariance(source.to(acc)) - target_cov).pow(2).sum() / (4 * d * d)

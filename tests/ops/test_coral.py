@@ -38,6 +38,15 @@ def test_matches_numpy(dtype, n_s, n_t, d):
     assert_close_verbose(got, torch.tensor(want), atol=atol, rtol=rtol, name=f"coral {dtype}")
 
 
+def test_reference_matches_numpy():
+    from tcm_kernels.reference.coral import coral_loss as reference_coral
+
+    s, t = _features(12, 4, 1), _features(20, 4, 2)
+    want = _numpy_coral(s.numpy(), t.numpy())
+    assert_close_verbose(reference_coral(s, t), torch.tensor(want, dtype=torch.float64), atol=1e-12, rtol=1e-10,
+                         name="reference")
+
+
 def test_gradcheck_fp64():
     s = _features(7, 4, 3).requires_grad_()
     t = _features(5, 4, 4).requires_grad_()
