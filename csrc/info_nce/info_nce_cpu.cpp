@@ -9,7 +9,7 @@
 // G y, G^T x and <G, S> into the gradients. Tasks follow the conflict-free
 // schedule of info_nce.h, so there are no atomics, no per-thread copies and the
 // summation order is fixed. Memory: O((M + N) D) for fp32 copies of the inputs
-// and O(threads * block^2) of tiles. Accumulation is fp32 (fp64 for fp64 input).
+// and O(threads * block^2) of per-thread tile buffers. Accumulation is fp32 (fp64 for fp64 input).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -72,6 +72,21 @@ at::Tensor rows(const at::Tensor& t, int64_t begin, int64_t len) { return t.narr
 
 int64_t tiles(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
+// Per-thread tile buffers, allocated once per call: allocating fresh tiles for every
+// pair made the allocator's retained memory grow with the number of tiles (B^2).
+struct Workspace {
+  std::vector<at::Tensor> buffers;  // [threads * count] flat buffers of block^2 entries
+  int64_t count;
+  Workspace(int64_t count, int64_t block, at::ScalarType dt) : count(count) {
+    for (int64_t i = 0; i < at::get_num_threads() * count; ++i)
+      buffers.push_back(at::empty({block * block}, at::TensorOptions().dtype(dt)));
+  }
+  // Buffer k of the calling thread as a contiguous [rows, cols] tile.
+  at::Tensor tile(int64_t k, int64_t rows, int64_t cols) const {
+    return buffers[at::get_thread_num() * count + k].narrow(0, 0, rows * cols).view({rows, cols});
+  }
+};
+
 template <typename TaskFn>
 void for_each_tile_pair(int64_t n_row, int64_t n_col, const TaskFn& task_fn) {
   const int64_t steps = schedule_steps(n_row, n_col), width = schedule_width(n_row, n_col);
@@ -86,48 +101,60 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_cpu(const at::Tensor& x, const a
                                                     bool with_col, int64_t block) {
   const double s = check_inputs(x, y, inv_t, block);
   const auto acc = accumulate_type(x);
-  const at::Tensor xs = x.to(acc).mul(s).contiguous();  // scaling x once makes every tile GEMM give S directly
-  const at::Tensor ys = y.to(acc).contiguous();
+  // Detached: the tile arithmetic must never be recorded by autograd (the pool threads do not
+  // inherit the caller's dispatch guards); gradients come from the backward op.
+  // Scaling x once makes every tile GEMM give S directly.
+  const at::Tensor xs = x.detach().to(acc).mul(s).contiguous();
+  const at::Tensor ys = y.detach().to(acc).contiguous();
   const int64_t m = x.size(0), n = y.size(0);
   RunningLse row_stats(m, acc), col_stats(with_col ? n : 0, acc);
+  const Workspace ws(2, block, acc);
 
   for_each_tile_pair(tiles(m, block), tiles(n, block), [&](TilePair p) {
     const int64_t i0 = p.row * block, ti = std::min(block, m - i0);
     const int64_t j0 = p.col * block, tj = std::min(block, n - j0);
-    const at::Tensor logits = at::mm(rows(xs, i0, ti), rows(ys, j0, tj).t());
+    at::Tensor logits = ws.tile(0, ti, tj), work = ws.tile(1, ti, tj);
+    at::mm_out(logits, rows(xs, i0, ti), rows(ys, j0, tj).t());
     const at::Tensor row_max = logits.amax(1);
     const at::Tensor col_max = with_col ? logits.amax(0) : at::Tensor();
     const double top = row_max.max().item<double>();
     bool shared = std::isfinite(top) && top - row_max.min().item<double>() <= kSharedOffsetMaxGap;
     if (with_col) shared = shared && top - col_max.min().item<double>() <= kSharedOffsetMaxGap;
     if (shared) {  // one exp per logit serves the row and the column sums
-      const at::Tensor e = (logits - top).exp_();
+      logits.sub_(top).exp_();
       const at::Tensor offset = at::scalar_tensor(top, logits.options());
-      row_stats.merge(i0, ti, offset, e.sum(1));
-      if (with_col) col_stats.merge(j0, tj, offset, e.sum(0));
+      row_stats.merge(i0, ti, offset, logits.sum(1));
+      if (with_col) col_stats.merge(j0, tj, offset, logits.sum(0));
     } else {
-      row_stats.merge(i0, ti, row_max, (logits - row_max.unsqueeze(1)).exp_().sum(1));
-      if (with_col) col_stats.merge(j0, tj, col_max, (logits - col_max.unsqueeze(0)).exp_().sum(0));
+      row_stats.merge(i0, ti, row_max, at::sub_out(work, logits, row_max.unsqueeze(1)).exp_().sum(1));
+      if (with_col) col_stats.merge(j0, tj, col_max, logits.sub_(col_max.unsqueeze(0)).exp_().sum(0));
     }
   });
   at::Tensor col_lse = with_col ? col_stats.finish() : at::empty({0}, x.options().dtype(acc));
   return std::make_tuple(row_stats.finish(), col_lse);
 }
 
-// Gradient tile dL/dS = g_row[i] exp(S_ij - lse_row[i]) + g_col[j] exp(S_ij - lse_col[j]).
-at::Tensor gradient_tile(const at::Tensor& logits, const at::Tensor& row_lse, const at::Tensor& row_grad,
-                         const at::Tensor& col_lse, const at::Tensor& col_grad, bool with_col) {
+// Gradient tile dL/dS = g_row[i] exp(S_ij - lse_row[i]) + g_col[j] exp(S_ij - lse_col[j]), written into
+// `grad` (`work` is scratch of the same shape; `logits` is left unchanged).
+void gradient_tile(const at::Tensor& logits, const at::Tensor& row_lse, const at::Tensor& row_grad,
+                   const at::Tensor& col_lse, const at::Tensor& col_grad, bool with_col, at::Tensor& grad,
+                   at::Tensor& work) {
   const double top = logits.max().item<double>();
   bool shared = std::isfinite(top) && top - row_lse.min().item<double>() <= kSharedOffsetMaxGap;
   if (with_col) shared = shared && top - col_lse.min().item<double>() <= kSharedOffsetMaxGap;
   if (shared) {  // G = exp(S - top) * (u_i + v_j): one exp per logit
-    at::Tensor weight = (row_grad * (top - row_lse).exp_()).unsqueeze(1);
-    if (with_col) weight = weight + (col_grad * (top - col_lse).exp_()).unsqueeze(0);
-    return (logits - top).exp_().mul_(weight);
+    at::sub_out(work, logits, top).exp_();
+    const at::Tensor u = (row_grad * (top - row_lse).exp_()).unsqueeze(1);
+    if (with_col) {
+      at::mul_out(grad, work, (col_grad * (top - col_lse).exp_()).unsqueeze(0));
+      grad.addcmul_(work, u);
+    } else {
+      at::mul_out(grad, work, u);
+    }
+    return;
   }
-  at::Tensor g = (logits - row_lse.unsqueeze(1)).exp_().mul_(row_grad.unsqueeze(1));
-  if (with_col) g.add_((logits - col_lse.unsqueeze(0)).exp_().mul_(col_grad.unsqueeze(0)));
-  return g;
+  at::sub_out(grad, logits, row_lse.unsqueeze(1)).exp_().mul_(row_grad.unsqueeze(1));
+  if (with_col) grad.add_(at::sub_out(work, logits, col_lse.unsqueeze(0)).exp_().mul_(col_grad.unsqueeze(0)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_backward_cpu(
@@ -143,23 +170,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_backward_cpu(
                   "col_lse and grad_col_lse must be empty or have y.size(0) = ", n, " entries, got ", col_lse.numel(),
                   " and ", grad_col_lse.numel());
   const auto acc = accumulate_type(x);
-  const at::Tensor xs = x.to(acc).mul(s).contiguous();
-  const at::Tensor ys = y.to(acc).contiguous();
-  const at::Tensor r = row_lse.to(acc).reshape({m}).contiguous(), gr = grad_row_lse.to(acc).reshape({m}).contiguous();
-  const at::Tensor c = with_col ? col_lse.to(acc).reshape({n}).contiguous() : at::Tensor();
-  const at::Tensor gc = with_col ? grad_col_lse.to(acc).reshape({n}).contiguous() : at::Tensor();
+  const at::Tensor xs = x.detach().to(acc).mul(s).contiguous();  // detached: see info_nce_lse_cpu
+  const at::Tensor ys = y.detach().to(acc).contiguous();
+  const at::Tensor r = row_lse.detach().to(acc).reshape({m}).contiguous();
+  const at::Tensor gr = grad_row_lse.detach().to(acc).reshape({m}).contiguous();
+  const at::Tensor c = with_col ? col_lse.detach().to(acc).reshape({n}).contiguous() : at::Tensor();
+  const at::Tensor gc = with_col ? grad_col_lse.detach().to(acc).reshape({n}).contiguous() : at::Tensor();
   at::Tensor grad_x = at::zeros({m, x.size(1)}, xs.options());
   at::Tensor grad_y = at::zeros({n, y.size(1)}, ys.options());
   const int64_t n_row = tiles(m, block), n_col = tiles(n, block);
   std::vector<double> logit_dot(n_row * n_col, 0.0);  // <G, S> per tile pair, summed in a fixed order below
+  const Workspace ws(3, block, acc);
 
   for_each_tile_pair(n_row, n_col, [&](TilePair p) {
     const int64_t i0 = p.row * block, ti = std::min(block, m - i0);
     const int64_t j0 = p.col * block, tj = std::min(block, n - j0);
     const at::Tensor x_tile = rows(xs, i0, ti), y_tile = rows(ys, j0, tj);
-    const at::Tensor logits = at::mm(x_tile, y_tile.t());
-    const at::Tensor g = gradient_tile(logits, rows(r, i0, ti), rows(gr, i0, ti), with_col ? rows(c, j0, tj) : c,
-                                       with_col ? rows(gc, j0, tj) : gc, with_col);
+    at::Tensor logits = ws.tile(0, ti, tj), g = ws.tile(1, ti, tj), work = ws.tile(2, ti, tj);
+    at::mm_out(logits, x_tile, y_tile.t());
+    gradient_tile(logits, rows(r, i0, ti), rows(gr, i0, ti), with_col ? rows(c, j0, tj) : c,
+                  with_col ? rows(gc, j0, tj) : gc, with_col, g, work);
     logit_dot[p.row * n_col + p.col] = at::dot(g.reshape(-1), logits.reshape(-1)).item<double>();
     rows(grad_x, i0, ti).addmm_(g, y_tile);      // dL/dx = inv_t G y  (inv_t applied once below)
     rows(grad_y, j0, tj).addmm_(g.t(), x_tile);  // dL/dy = G^T (inv_t x)
