@@ -40,6 +40,15 @@ TORCH_LIBRARY(tcm, m) {
       "submconv_weight_grad(Tensor grad_out, Tensor x, Tensor mask, Tensor weight, int[] dilation, int groups, "
       "int chunk_rows) -> Tensor");
   m.def("submconv_kernel_map(Tensor mask) -> (Tensor grid, Tensor sites)");
+  // ---- contrastive (info_nce) ----
+  // Tiled log-sum-exp of the logits S = inv_t * x @ y.T (x [M, D], y [N, D]) without
+  // forming S: row_lse [M] and, when with_col, col_lse [N] (else empty), in fp32
+  // (fp64 for fp64 input). See tcm_kernels/ops/info_nce.py.
+  m.def("info_nce_lse(Tensor x, Tensor y, Tensor inv_t, bool with_col, int block) -> (Tensor row_lse, Tensor col_lse)");
+  // Gradients of sum(grad_row_lse * row_lse) + sum(grad_col_lse * col_lse) w.r.t. x, y and inv_t, recomputing tiles.
+  m.def(
+      "info_nce_lse_backward(Tensor x, Tensor y, Tensor inv_t, Tensor row_lse, Tensor col_lse, Tensor grad_row_lse, "
+      "Tensor grad_col_lse, int block) -> (Tensor grad_x, Tensor grad_y, Tensor grad_inv_t)");
 }
 
 // The extension is loaded with `import tcm_kernels._C`; it defines no Python

@@ -2,6 +2,8 @@
 
 from . import _backend  # loads the compiled extension (or logs why not)
 from . import nn
+from .ops.coral import CovarianceQueue, coral_loss
+from .ops.info_nce import info_nce
 from .ops.recon_loss import masked_recon_loss
 from .ops.sample_mask import MaskSample, patch_scores, sample_mask, upsample_mask
 from .ops.sparse_norm import densify, sparse_batch_norm, sparse_group_norm, sparse_instance_norm, sparse_layer_norm
@@ -10,6 +12,6 @@ from .sparse_tensor import SparseTensor
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskSample", "SparseTensor", "densify", "masked_recon_loss", "nn", "patch_scores", "sample_mask",
-           "sparse_batch_norm", "sparse_downsample", "sparse_group_norm", "sparse_instance_norm", "sparse_layer_norm",
-           "submanifold_conv", "upsample_mask"]
+__all__ = ["CovarianceQueue", "MaskSample", "SparseTensor", "coral_loss", "densify", "info_nce", "masked_recon_loss",
+           "nn", "patch_scores", "sample_mask", "sparse_batch_norm", "sparse_downsample", "sparse_group_norm",
+           "sparse_instance_norm", "sparse_layer_norm", "submanifold_conv", "upsample_mask"]
