@@ -226,14 +226,14 @@ class Trainer:
                 if self.teacher is not None:
                     _ema_update(self.teacher, self.model, cfg.ema)
                 rate = cfg.batch_size / (time.perf_counter() - t0)
-                row = {"step": self.step, **{k: f"{float(v):.6g}" for k, v in losses.items()},
+                row = {"step": self.step, **{k: f"{float(v.detach()):.6g}" for k, v in losses.items()},
                        "lr": f"{self.scheduler.get_last_lr()[0]:.6g}", "mask_ratio": f"{cfg.ratio_at(self.step):.4g}",
                        "images_per_s": f"{rate:.3g}"}
                 if writer is not None:
                     writer.writerow(row)
                 if tb is not None:
                     for k, v in losses.items():
-                        tb.add_scalar(f"train/{k}", float(v), self.step)
+                        tb.add_scalar(f"train/{k}", float(v.detach()), self.step)
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
