@@ -49,3 +49,21 @@ def max_err_vs_oracle(fn, inputs_fp64, dtype):
     oracle = fn(*inputs_fp64)
     low = fn(*[t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs_fp64])
     return (low.double() - oracle).abs().max().item()
+
+
+def run_without_interpreter(script: str) -> dict:
+    """Run ``script`` in a fresh Python without TRITON_INTERPRET and return the JSON on its last stdout line.
+
+    PTX compile checks need this: under TRITON_INTERPRET=1, triton.jit builds interpreted
+    functions that triton.compile cannot lower.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

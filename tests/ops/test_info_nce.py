@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +9,7 @@ import torch.nn.functional as F
 
 import tcm_kernels
 from tcm_kernels.reference.info_nce import logsumexp_rows_cols, naive_info_nce
-from tests.utils import assert_close_verbose, backend_param, max_err_vs_oracle
+from tests.utils import assert_close_verbose, backend_param, max_err_vs_oracle, run_without_interpreter
 
 OP = "info_nce_lse"
 BACKENDS = [backend_param(OP, "reference"), backend_param(OP, "cpu"), backend_param(OP, "triton")]
@@ -309,11 +305,7 @@ print(json.dumps(report))
 def test_triton_kernels_compile_to_ptx_for_sm80_and_sm90():
     pytest.importorskip("triton")
     # A fresh interpreter: under TRITON_INTERPRET=1 triton.jit does not build compilable kernels.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_without_interpreter(_PTX_CHECK)
     assert set(report) == {f"sm{c}-{d}" for c in (80, 90) for d in ("fp32", "bf16")}
     for name, entry in report.items():
         assert entry["fwd_ptx"] and entry["bwd_ptx"] and entry["cubin_bytes"] > 0, name

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.utils import run_without_interpreter
 
 # Run in a fresh interpreter: under TRITON_INTERPRET=1 (set by conftest) triton.jit builds no compilable kernels.
 _PTX_CHECK = r"""
@@ -49,10 +47,6 @@ print(json.dumps(report))
 
 def test_triton_kernels_compile_to_ptx_for_sm80_and_sm90():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_without_interpreter(_PTX_CHECK)
     assert len(report) == 2 * 3 * 6, sorted(report)
     assert all(report.values()), [k for k, ok in report.items() if not ok]

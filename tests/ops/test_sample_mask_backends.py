@@ -8,17 +8,13 @@ The reference / CPU back ends are covered by tests/ops/test_sample_mask.py.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import tcm_kernels
 from tcm_kernels.reference import philox as ref_philox
-from tests.utils import backend_param
+from tests.utils import backend_param, run_without_interpreter
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 import triton.language as tl  # noqa: E402
@@ -244,11 +240,7 @@ print(json.dumps(report))
 @pytest.fixture(scope="module")
 def ptx_report():
     """Compile in a fresh interpreter: under TRITON_INTERPRET=1 triton.jit does not build compilable kernels."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_without_interpreter(_PTX_CHECK)
 
 
 @pytest.mark.parametrize("cap", [80, 90])

@@ -8,7 +8,7 @@ import torch
 import tcm_kernels
 from tcm_kernels.ops.submconv import is_patch_aligned, transposed_kernel
 from tcm_kernels.reference import submconv as ref
-from tests.utils import assert_close_verbose, backend_param
+from tests.utils import assert_close_verbose, backend_param, run_without_interpreter
 
 OP = "submconv_forward"
 BACKENDS = [backend_param(OP, "cpu")]
@@ -347,17 +347,9 @@ print(json.dumps(report))
 @pytest.fixture(scope="module")
 def ptx_report():
     """Compile in a fresh interpreter: under TRITON_INTERPRET=1 triton.jit does not build compilable kernels."""
-    import json
-    import os
-    import subprocess
-    import sys
 
     pytest.importorskip("triton", reason="triton not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_without_interpreter(_PTX_CHECK)
 
 
 @pytest.mark.parametrize("cap", [80, 90])
