@@ -86,31 +86,9 @@ def _bytes(b: int, n: int, m: int) -> int:
     return b * n * 4 + b * n * (1 + 8) + b * (n - m) * 8  # scores in; visible, ids_restore, ids_keep out
 
 
-@pytest.mark.parametrize("b,n", SHAPES, ids=[f"B{b}-N{n}" for b, n in SHAPES])
-@pytest.mark.parametrize("strategy", list(BASELINES))
-@pytest.mark.parametrize("provider", ["baseline", "tcm_cpu"])
-def test_sample_mask(benchmark, strategy, b, n, provider):
-    scores, ratio = _scores(b, n), RATIO[strategy]
-    m = math.floor(ratio * n + 0.5)
-    if provider == "baseline":
-        name, fn = BASELINES[strategy]
-        call = lambda: fn(scores, ratio)  # noqa: E731
-    else:
-        name = provider
-        call = lambda: tcm_kernels.sample_mask(scores, ratio, strategy=strategy, seed=1, roi_threshold=0.5,  # noqa: E731
-                                               roi_mask_ratio=0.7, hard_fraction=0.5, backend="cpu")
-    out = call()
-    assert (~out[0]).sum(1).eq(m).all(), f"{name} did not mask exactly {m} per row"
-    run(benchmark, call, group=f"sample_mask-{strategy}-B{b}-N{n}", provider=name, baseline=provider == "baseline",
-        bytes_moved=_bytes(b, n, m), strategy=strategy, B=b, N=n)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("b,n", SHAPES, ids=[f"B{b}-N{n}" for b, n in SHAPES])
-@pytest.mark.parametrize("strategy", list(BASELINES))
-@pytest.mark.parametrize("provider", ["baseline", "tcm_triton", "tcm_cuda"])
-def test_sample_mask_gpu(benchmark, strategy, b, n, provider):
-    scores, ratio = _scores(b, n).cuda(), RATIO[strategy]
+def _bench(benchmark, strategy: str, b: int, n: int, provider: str, device: str) -> None:
+    """Time ``provider`` ("baseline" or "tcm_<backend>") on one shape, after checking it masks exactly M per row."""
+    scores, ratio = _scores(b, n).to(device), RATIO[strategy]
     m = math.floor(ratio * n + 0.5)
     if provider == "baseline":
         name, fn = BASELINES[strategy]
@@ -120,5 +98,23 @@ def test_sample_mask_gpu(benchmark, strategy, b, n, provider):
         call = lambda: tcm_kernels.sample_mask(scores, ratio, strategy=strategy, seed=1, roi_threshold=0.5,  # noqa: E731
                                                roi_mask_ratio=0.7, hard_fraction=0.5,
                                                backend=provider.removeprefix("tcm_"))
-    run(benchmark, call, group=f"sample_mask-gpu-{strategy}-B{b}-N{n}", provider=name,
-        baseline=provider == "baseline", bytes_moved=_bytes(b, n, m), device="cuda", strategy=strategy, B=b, N=n)
+    out = call()
+    assert (~out[0]).sum(1).eq(m).all(), f"{name} did not mask exactly {m} per row"
+    prefix = "sample_mask-gpu" if device == "cuda" else "sample_mask"
+    run(benchmark, call, group=f"{prefix}-{strategy}-B{b}-N{n}", provider=name, baseline=provider == "baseline",
+        bytes_moved=_bytes(b, n, m), device=device, strategy=strategy, B=b, N=n)
+
+
+@pytest.mark.parametrize("b,n", SHAPES, ids=[f"B{b}-N{n}" for b, n in SHAPES])
+@pytest.mark.parametrize("strategy", list(BASELINES))
+@pytest.mark.parametrize("provider", ["baseline", "tcm_cpu"])
+def test_sample_mask(benchmark, strategy, b, n, provider):
+    _bench(benchmark, strategy, b, n, provider, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,n", SHAPES, ids=[f"B{b}-N{n}" for b, n in SHAPES])
+@pytest.mark.parametrize("strategy", list(BASELINES))
+@pytest.mark.parametrize("provider", ["baseline", "tcm_triton", "tcm_cuda"])
+def test_sample_mask_gpu(benchmark, strategy, b, n, provider):
+    _bench(benchmark, strategy, b, n, provider, "cuda")
