@@ -61,9 +61,10 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
     return results
 
 
-def write_report(results, out: pathlib.Path, *, steps: int, seeds) -> pathlib.Path:
+def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title: str | None = None) -> pathlib.Path:
     labels = [e[0] for e in EVALS]
-    lines = [f"# Pretraining methods compared ({steps} steps each, seeds {list(seeds)})", "",
+    title = title or f"Pretraining methods compared ({steps} steps each, seeds {list(seeds)})"
+    lines = [f"# {title}", "",
              "| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     summary = {}
     for method, runs in results.items():
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = {"chest": chest_organ_task(), "brain": brain_lobe_task()}
         encoder = _encoder_from_checkpoint(pathlib.Path(args.checkpoint))
         scores = evaluate(encoder, tasks, probe_steps=args.probe_steps, finetune_steps=args.finetune_steps, seed=0)
-        path = write_report({"checkpoint": [scores]}, out, steps=-1, seeds=[0])
+        path = write_report({"checkpoint": [scores]}, out, steps=None, seeds=[0],
+                            title=f"Evaluation of {args.checkpoint} (seed 0)")
         print(path.read_text())
         return 0
     run_comparison(args.methods, args.seeds, args.steps, out, args.overrides, args.probe_steps, args.finetune_steps,
