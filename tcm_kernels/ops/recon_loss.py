@@ -46,12 +46,6 @@ def _backward_fake(grad_per_patch, pred, target, patch_size, norm_pix, eps):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-@torch.compiler.assume_constant_result
-def _choose_backend(device: torch.device, backend: str | None) -> str:
-    """Back-end choice, a constant for torch.compile (the dispatcher query is not traceable)."""
-    return _backend.choose_backend("recon_loss_forward", device, backend)
-
-
 def _kernels(backend: str):
     if backend == "triton":
         from ..triton import recon_loss as tri
@@ -123,7 +117,7 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
         raise ValueError(f"{_OP}: norm_pix needs at least 2 elements per patch (unbiased variance), "
                          f"got C * prod(patch_size) = {pred.shape[1] * math.prod(ps)}")
     eps = check_real(_OP, "eps", eps, low=0.0)
-    chosen = _choose_backend(pred.device, backend)
+    chosen = _backend.choose_backend("recon_loss_forward", pred.device, backend)
     if chosen == "reference":
         return _ref.masked_recon_loss(pred, target, visible, tuple(ps), bool(norm_pix), eps)
     per_patch = _PerPatchLoss.apply(pred, target, ps, bool(norm_pix), eps, chosen)

@@ -59,12 +59,6 @@ def _norm_backward_fake(dy, x, mask, dy_scale, x_scale, center, shift):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.compiler.assume_constant_result
-def _choose_backend(device: torch.device, backend: str | None) -> str:
-    """Back-end choice, a constant for torch.compile (the dispatcher query is not traceable)."""
-    return _backend.choose_backend("masked_moments", device, backend)
-
-
 def _kernels(backend: str):
     """(moments, scale_shift, grad_moments, norm_backward) of a back end; all take [B, C, L] / [B, L]."""
     if backend == "triton":
@@ -251,7 +245,7 @@ def sparse_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean: torch.T
             raise ValueError(f"{op}: {name} must be [C] = [{x.shape[1]}], got shape {tuple(t.shape)}")
     if training and (x.shape[0] == 0 or x.shape[1] == 0 or x[0, 0].numel() == 0):
         raise ValueError(f"{op}: training needs at least one sample, channel and site, got shape {tuple(x.shape)}")
-    chosen = _choose_backend(x.device, backend)
+    chosen = _backend.choose_backend("masked_moments", x.device, backend)
     if chosen == "reference":
         if training:
             torch._assert_async(mask.any(), f"{op}: the batch has no active site; batch statistics are undefined")
@@ -285,7 +279,7 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weig
     _check_inputs(op, x, mask, weight, bias)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:
         raise ValueError(f"{op}: num_groups must be a positive int dividing C={x.shape[1]}, got {num_groups!r}")
-    chosen = _choose_backend(x.device, backend)
+    chosen = _backend.choose_backend("masked_moments", x.device, backend)
     if chosen == "reference":
         return _ref.sparse_group_norm(x, mask, num_groups, weight, bias, eps)
     return _run(x, mask, weight, bias, eps, "group", num_groups, None, None, chosen)[0]
@@ -301,7 +295,7 @@ def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tens
     """
     op = "sparse_instance_norm"
     _check_inputs(op, x, mask, weight, bias)
-    chosen = _choose_backend(x.device, backend)
+    chosen = _backend.choose_backend("masked_moments", x.device, backend)
     if chosen == "reference":
         return _ref.sparse_instance_norm(x, mask, weight, bias, eps)
     return _run(x, mask, weight, bias, eps, "instance", 1, None, None, chosen)[0]
