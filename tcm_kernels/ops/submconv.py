@@ -18,6 +18,10 @@ Backward: the input gradient is the same engine run on ``grad_out`` with the
 flipped, in/out-transposed kernel (the neighbour relation is symmetric, so no
 atomics are needed); the weight gradient sums ``A^T G`` over chunks in a fixed,
 shape-determined number of partitions, added in order: deterministic.
+
+Compact layout (:func:`submanifold_conv_compact`): features [N, C] plus a
+:class:`~tcm_kernels.sparse_tensor.KernelMap` (grid, sites) run step 3 alone, with
+no gather/scatter; the masked-dense op is that engine wrapped in steps 1, 2 and 4.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from .. import _backend
 from .._checks import check_same_device, check_tensor
 from ..reference import submconv as _ref
+from ..sparse_tensor import KernelMap
 
 _OP = "submanifold_conv"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -212,3 +217,119 @@ def sparse_downsample(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     if any(s % stride for s in x.shape[2:]):
         raise ValueError(f"{op}: stride {stride} must divide the spatial shape {tuple(x.shape[2:])}")
     return _ref.sparse_downsample(x, mask, weight, bias, stride=stride)
+
+
+# ---- compact layout ---------------------------------------------------------------------------------------
+
+_COMPACT_OP = "submanifold_conv_compact"
+
+
+def _check_compact_inputs(features: torch.Tensor, kernel_map: KernelMap, weight: torch.Tensor,
+                          bias: torch.Tensor | None, groups: int) -> int:
+    op = _COMPACT_OP
+    check_tensor(op, "features", features, ndim=2, dtypes=_DTYPES)
+    if not isinstance(kernel_map, KernelMap):
+        raise TypeError(f"{op}: kernel_map must be a KernelMap (SparseTensor.kernel_map()), got "
+                        f"{type(kernel_map).__name__}")
+    grid, sites = kernel_map
+    check_tensor(op, "kernel_map.grid", grid, ndim=(3, 4), dtypes=(torch.int32,))
+    check_tensor(op, "kernel_map.sites", sites, ndim=1, dtypes=(torch.int64,))
+    if sites.shape[0] != features.shape[0]:
+        raise ValueError(f"{op}: kernel_map.sites must have one entry per row of features (N={features.shape[0]}), "
+                         f"got {sites.shape[0]}")
+    nd = grid.dim() - 1
+    check_tensor(op, "weight", weight, ndim=nd + 2, dtypes=(features.dtype,))
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    cin, cout = features.shape[1], weight.shape[0]
+    if cin % groups or cout % groups or weight.shape[1] * groups != cin:
+        raise ValueError(f"{op}: weight must be [Cout, Cin/groups, *k] with Cin={cin} and Cout divisible by "
+                         f"groups={groups}, got shape {tuple(weight.shape)}")
+    if any(k % 2 == 0 for k in weight.shape[2:]):
+        raise ValueError(f"{op}: kernel size must be odd, got weight shape {tuple(weight.shape)}")
+    tensors = dict(features=features, grid=grid, sites=sites, weight=weight)
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1, dtypes=(features.dtype,))
+        if bias.shape[0] != cout:
+            raise ValueError(f"{op}: bias must be [Cout={cout}], got shape {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    check_same_device(op, **tensors)
+    return nd
+
+
+@torch.library.register_fake("tcm::submconv_compact_forward")
+def _compact_forward_fake(features, grid, sites, weight, bias, dilation, groups, chunk_rows):
+    return features.new_empty((features.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("tcm::submconv_compact_weight_grad")
+def _compact_weight_grad_fake(grad_out, features, grid, sites, weight, dilation, groups, chunk_rows):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _compact_setup_context(ctx, inputs, output):
+    features, grid, sites, weight, bias, dilation, groups, chunk_rows = inputs
+    ctx.save_for_backward(features, grid, sites, weight)
+    ctx.has_bias = bias is not None
+    ctx.conf = (list(dilation), groups, chunk_rows)
+
+
+def _compact_backward(ctx, grad_out):
+    features, grid, sites, weight = ctx.saved_tensors
+    dilation, groups, chunk_rows = ctx.conf
+    grad_out = grad_out.contiguous()
+    grad_f = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_f = torch.ops.tcm.submconv_compact_forward(grad_out, grid, sites, transposed_kernel(weight, groups), None,
+                                                        dilation, groups, chunk_rows)
+    if ctx.needs_input_grad[3]:
+        grad_w = torch.ops.tcm.submconv_compact_weight_grad(grad_out, features, grid, sites, weight, dilation, groups,
+                                                            chunk_rows)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_b = grad_out.float().sum(0).to(grad_out.dtype)
+    return grad_f, None, None, grad_w, grad_b, None, None, None
+
+
+torch.library.register_autograd("tcm::submconv_compact_forward", _compact_backward,
+                                setup_context=_compact_setup_context)
+
+
+def submanifold_conv_compact(features: torch.Tensor, kernel_map: KernelMap, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, *, dilation: int | tuple[int, ...] = 1, groups: int = 1,
+                             backend: str | None = None, chunk_rows: int = 0) -> torch.Tensor:
+    """Submanifold sparse convolution on the compact layout (no gather/scatter: rows in, rows out).
+
+    Args:
+        features: float [N, Cin] (fp32/fp16/bf16; fp64 on the reference), one row per active
+            site, rows in any order (e.g. ``SparseTensor.features``).
+        kernel_map: :class:`~tcm_kernels.KernelMap` (grid int32 [B, *S], sites int64 [N]) of the
+            rows, from ``SparseTensor.kernel_map()`` (built once, shared by every conv over the
+            same sites). Contract: ``grid.flatten()[sites] == arange(N)`` and -1 at inactive sites.
+        weight: [Cout, Cin/groups, *k], odd k, dtype of features; bias: optional [Cout].
+        dilation, groups, backend, chunk_rows: as in :func:`submanifold_conv`.
+
+    Returns:
+        [N, Cout] in features' dtype, row i at the site of input row i: the rows of
+        ``submanifold_conv`` of the densified input at the same sites.
+    """
+    nd = _check_compact_inputs(features, kernel_map, weight, bias, groups)
+    dil = _check_dilation(dilation, nd)
+    grid, sites = kernel_map
+    chosen = _choose(features, backend)
+    if chosen == "reference":
+        return _compact_reference(features, grid, sites, weight, bias, tuple(dil), groups)
+    if chosen == "triton":
+        from ..triton.submconv import submconv_compact_triton
+
+        return submconv_compact_triton(features, grid, sites, weight, bias, dil, groups)
+    return torch.ops.tcm.submconv_compact_forward(features, grid, sites, weight, bias, dil, groups, chunk_rows)
+
+
+def _compact_reference(features: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None, dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """Scatter the rows to masked-dense, run the dense reference conv, gather the rows back."""
+    batch, *spatial = grid.shape
+    dense = features.new_zeros((grid.numel(), features.shape[1])).index_copy(0, sites, features)
+    x = dense.reshape(batch, *spatial, -1).movedim(-1, 1)
+    y = _ref.submanifold_conv(x, (grid >= 0).unsqueeze(1), weight, bias, dilation=dilation, groups=groups)
+    return y.movedim(1, -1).reshape(grid.numel(), -1).index_select(0, sites)
