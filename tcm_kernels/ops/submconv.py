@@ -31,7 +31,7 @@ import torch
 from .. import _backend
 from .._checks import check_same_device, check_tensor
 from ..reference import submconv as _ref
-from ..sparse_tensor import KernelMap
+from ..sparse_tensor import KernelMap, SparseTensor
 
 _OP = "submanifold_conv"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -196,27 +196,55 @@ def is_patch_aligned(mask: torch.Tensor, patch_size: int) -> bool:
 
 
 def sparse_downsample(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                      stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      stride: int, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparK's downsampling between stages: conv with kernel = stride, output mask = max-pool of the mask.
 
+    A conv with kernel = stride = s is a space-to-depth of the masked input followed by a 1x1 conv
+    with ``weight.reshape(Cout, Cin * s^d, 1, ...)``; that 1x1 conv runs as a submanifold conv at the
+    output mask, so the GEMM only covers active output windows.
+
     Args:
-        x: [B, Cin, *S]; mask: bool [B, 1, *S]; weight: [Cout, Cin/groups, *(stride,)*d]
-            (kernel = stride); bias: optional [Cout]; stride: int, divides every S.
+        x: [B, Cin, *S]; mask: bool [B, 1, *S]; weight: [Cout, Cin, *(stride,)*d] (kernel = stride);
+            bias: optional [Cout]; stride: int, divides every S.
+        backend: ``"reference"`` (the dense strided conv of the masked input) or a
+            :func:`submanifold_conv` back end for the 1x1 conv (default: its choice).
 
     Returns:
         (y [B, Cout, *(S / stride)], mask_out bool [B, 1, *(S / stride)]) with y = 0 where mask_out is False.
-        Non-overlapping windows: the dense strided conv of the masked input does no wasted work
-        beyond the inactive windows, so it is the implementation (oneDNN on CPU).
     """
     op = "sparse_downsample"
     nd = _check_inputs(op, x, mask, weight, bias, 1)
+    _check_stride(op, stride, weight, tuple(x.shape[2:]), nd)
+    if backend == "reference":
+        return _ref.sparse_downsample(x, mask, weight, bias, stride=stride)
+    mask_out = _ref.downsample_mask(mask, stride)
+    cols = space_to_depth(torch.where(mask, x, 0), stride)
+    y = submanifold_conv(cols, mask_out, weight.reshape(weight.shape[0], -1, *(1,) * nd), bias, backend=backend)
+    return y, mask_out
+
+
+def _check_stride(op: str, stride: int, weight: torch.Tensor, spatial: tuple[int, ...], nd: int) -> None:
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"{op}: stride must be a positive int, got {stride!r}")
     if tuple(weight.shape[2:]) != (stride,) * nd:
         raise ValueError(f"{op}: weight kernel must equal the stride {(stride,) * nd}, got shape {tuple(weight.shape)}")
-    if any(s % stride for s in x.shape[2:]):
-        raise ValueError(f"{op}: stride {stride} must divide the spatial shape {tuple(x.shape[2:])}")
-    return _ref.sparse_downsample(x, mask, weight, bias, stride=stride)
+    if any(s % stride for s in spatial):
+        raise ValueError(f"{op}: stride {stride} must divide the spatial shape {spatial}")
+
+
+def space_to_depth(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """[B, C, *S] -> [B, C * s^d, *(S / s)], channel c * s^d + (row-major offset in the s^d window).
+
+    The channel order of ``weight.reshape(Cout, Cin * s^d)`` for a [Cout, Cin, s, ..., s] kernel, so a
+    conv with kernel = stride = s equals a 1x1 conv of this (pixel_unshuffle for any d).
+    """
+    b, c, *spatial = x.shape
+    nd = len(spatial)
+    split = [v for size in spatial for v in (size // stride, stride)]
+    window_dims = [3 + 2 * i for i in range(nd)]
+    coarse_dims = [2 + 2 * i for i in range(nd)]
+    return (x.reshape(b, c, *split).permute(0, 1, *window_dims, *coarse_dims)
+            .reshape(b, c * stride**nd, *(size // stride for size in spatial)))
 
 
 # ---- compact layout ---------------------------------------------------------------------------------------
@@ -333,3 +361,54 @@ def _compact_reference(features: torch.Tensor, grid: torch.Tensor, sites: torch.
     x = dense.reshape(batch, *spatial, -1).movedim(-1, 1)
     y = _ref.submanifold_conv(x, (grid >= 0).unsqueeze(1), weight, bias, dilation=dilation, groups=groups)
     return y.movedim(1, -1).reshape(grid.numel(), -1).index_select(0, sites)
+
+
+def sparse_downsample_compact(x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                              stride: int) -> SparseTensor:
+    """:func:`sparse_downsample` on the compact layout: SparseTensor [N, Cin] -> SparseTensor [N_out, Cout].
+
+    Output sites are the coarse sites (coords // stride) with at least one active child, in ascending
+    (batch, *spatial) order; their kernel map comes attached. Each input row is copied to its slot
+    (child window position) of a zero [N_out, s^d * Cin] matrix (missing children stay zero), then one
+    GEMM with ``weight`` [Cout, Cin, s, ..., s] (+ bias). Plain torch ops (any device); backward is
+    index_select + mm: deterministic.
+    """
+    op = "sparse_downsample"
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{op}: x must be a SparseTensor, got {type(x).__name__}")
+    features, nd = x.features, x.ndim
+    check_tensor(op, "features", features, ndim=2, dtypes=_DTYPES)
+    check_tensor(op, "weight", weight, ndim=nd + 2, dtypes=(features.dtype,))
+    cin, cout = features.shape[1], weight.shape[0]
+    if weight.shape[1] != cin:
+        raise ValueError(f"{op}: weight must be [Cout, Cin={cin}, *k], got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1, dtypes=(features.dtype,))
+        if bias.shape[0] != cout:
+            raise ValueError(f"{op}: bias must be [Cout={cout}], got shape {tuple(bias.shape)}")
+    _check_stride(op, stride, weight, x.spatial_shape, nd)
+    coarse_shape = tuple(s // stride for s in x.spatial_shape)
+    coords = x.coords.long()
+    window = stride**nd
+    out_key = coords[:, 0]
+    child = torch.zeros_like(out_key)
+    for axis in range(nd):
+        out_key = out_key * coarse_shape[axis] + coords[:, 1 + axis] // stride
+        child = child * stride + coords[:, 1 + axis] % stride
+    out_sites, inverse = torch.unique(out_key, sorted=True, return_inverse=True)
+    n_out = out_sites.shape[0]
+    cols = features.new_zeros((n_out * window, cin)).index_copy(0, inverse * window + child, features)
+    w = weight.movedim(1, -1).reshape(cout, window * cin)  # columns in (child, cin) order, as cols
+    cols = cols.reshape(n_out, window * cin)
+    y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
+    out_coords = torch.empty((n_out, 1 + nd), dtype=torch.int32, device=features.device)
+    rest = out_sites
+    for axis in reversed(range(nd)):
+        out_coords[:, 1 + axis] = rest % coarse_shape[axis]
+        rest = rest // coarse_shape[axis]
+    out_coords[:, 0] = rest
+    grid = torch.full((x.batch_size, *coarse_shape), -1, dtype=torch.int32, device=features.device)
+    grid.view(-1)[out_sites] = torch.arange(n_out, dtype=torch.int32, device=features.device)
+    out = SparseTensor(y, out_coords, coarse_shape, x.batch_size)
+    out._kernel_map = KernelMap(grid, out_sites)  # unique, in range by construction: skip from_coords' checks
+    return out
