@@ -63,10 +63,10 @@ def _check_inputs(op: str, x: torch.Tensor, mask: torch.Tensor, weight: torch.Te
     return nd
 
 
-def _check_dilation(dilation: int | tuple[int, ...], nd: int) -> list[int]:
+def _check_dilation(dilation: int | tuple[int, ...], nd: int, op: str = _OP) -> list[int]:
     dil = [dilation] * nd if isinstance(dilation, int) else list(dilation)
     if len(dil) != nd or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dil):
-        raise ValueError(f"{_OP}: dilation must be a positive int or {nd} positive ints, got {dilation!r}")
+        raise ValueError(f"{op}: dilation must be a positive int or {nd} positive ints, got {dilation!r}")
     return dil
 
 
@@ -163,11 +163,11 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
     return torch.ops.tcm.submconv_forward(x, mask, weight, bias, dil, groups, chunk_rows)
 
 
-def _choose(x: torch.Tensor, backend: str | None) -> str:
-    chosen = _backend.choose_backend("submconv_forward", x.device, backend, has_cuda_kernel=True)
+def _choose(x: torch.Tensor, backend: str | None, compiled_op: str = "submconv_forward", op: str = _OP) -> str:
+    chosen = _backend.choose_backend(compiled_op, x.device, backend, has_cuda_kernel=compiled_op == "submconv_forward")
     if chosen != "reference" and x.dtype not in _COMPILED_DTYPES:
         if backend is not None:
-            raise TypeError(f"{_OP}: backend={backend!r} supports float32/float16/bfloat16, got "
+            raise TypeError(f"{op}: backend={backend!r} supports float32/float16/bfloat16, got "
                             f"{str(x.dtype).replace('torch.', '')}")
         return "reference"
     return chosen
@@ -341,9 +341,9 @@ def submanifold_conv_compact(features: torch.Tensor, kernel_map: KernelMap, weig
         ``submanifold_conv`` of the densified input at the same sites.
     """
     nd = _check_compact_inputs(features, kernel_map, weight, bias, groups)
-    dil = _check_dilation(dilation, nd)
+    dil = _check_dilation(dilation, nd, _COMPACT_OP)
     grid, sites = kernel_map
-    chosen = _choose(features, backend)
+    chosen = _choose(features, backend, "submconv_compact_forward", _COMPACT_OP)
     if chosen == "reference":
         return _compact_reference(features, grid, sites, weight, bias, tuple(dil), groups)
     if chosen == "triton":

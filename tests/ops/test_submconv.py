@@ -529,15 +529,18 @@ def test_compact_bad_input(backend):
         conv(f, km, w, b[:3], backend=backend)
     with pytest.raises(TypeError, match="weight must have dtype in \\(float32\\)"):
         conv(f, km, w.half(), backend=backend)
-    with pytest.raises(ValueError, match="dilation must be a positive int or 2"):
+    with pytest.raises(ValueError, match="submanifold_conv_compact: dilation must be a positive int or 2"):
         conv(f, km, w, dilation=(1, 0), backend=backend)
     with pytest.raises(ValueError, match="tensors must be on one device"):
         conv(f, km, w.to("meta"), backend=backend)
 
 
-def test_compact_op_rejects_inconsistent_maps():
+@pytest.mark.parametrize("backend", [backend_param("submconv_compact_forward", "cpu")])
+def test_compact_op_rejects_inconsistent_maps(backend):
     """The compiled op bounds grid and sites itself: a bad map must never reach the engine."""
     st, w, _, _, _ = compact_case(2, 4, 6, 3)
+    with pytest.raises(TypeError, match="submanifold_conv_compact: backend='cpu' supports float32"):
+        tcm_kernels.submanifold_conv_compact(st.features.double(), st.kernel_map(), w.double(), backend=backend)
     grid, sites = st.kernel_map()
     op = torch.ops.tcm.submconv_compact_forward
     with pytest.raises(ValueError, match="grid must hold rows < N"):
