@@ -46,21 +46,25 @@ def _check_inputs(op: str, x: torch.Tensor, mask: torch.Tensor, weight: torch.Te
     if tuple(mask.shape) != (x.shape[0], 1, *x.shape[2:]):
         raise ValueError(f"{op}: mask must be [B, 1, *S] = {(x.shape[0], 1, *x.shape[2:])}, got shape "
                          f"{tuple(mask.shape)}")
-    check_tensor(op, "weight", weight, ndim=nd + 2, dtypes=(x.dtype,))
+    _check_weight_bias(op, weight, bias, groups, x.shape[1], x.dtype, nd)
+    check_same_device(op, x=x, mask=mask, weight=weight, **({} if bias is None else {"bias": bias}))
+    return nd
+
+
+def _check_weight_bias(op: str, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, cin: int,
+                       dtype: torch.dtype, nd: int) -> None:
+    """weight [Cout, Cin/groups, *k] (d = nd) and bias [Cout], both of ``dtype``; groups a positive int."""
+    check_tensor(op, "weight", weight, ndim=nd + 2, dtypes=(dtype,))
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
-    cin, cout = x.shape[1], weight.shape[0]
+    cout = weight.shape[0]
     if cin % groups or cout % groups or weight.shape[1] * groups != cin:
         raise ValueError(f"{op}: weight must be [Cout, Cin/groups, *k] with Cin={cin} and Cout divisible by "
                          f"groups={groups}, got shape {tuple(weight.shape)}")
     if bias is not None:
-        check_tensor(op, "bias", bias, ndim=1, dtypes=(x.dtype,))
+        check_tensor(op, "bias", bias, ndim=1, dtypes=(dtype,))
         if bias.shape[0] != cout:
             raise ValueError(f"{op}: bias must be [Cout={cout}], got shape {tuple(bias.shape)}")
-        check_same_device(op, x=x, mask=mask, weight=weight, bias=bias)
-    else:
-        check_same_device(op, x=x, mask=mask, weight=weight)
-    return nd
 
 
 def _check_dilation(dilation: int | tuple[int, ...], nd: int, op: str = _OP) -> list[int]:
@@ -266,22 +270,11 @@ def _check_compact_inputs(features: torch.Tensor, kernel_map: KernelMap, weight:
         raise ValueError(f"{op}: kernel_map.sites must have one entry per row of features (N={features.shape[0]}), "
                          f"got {sites.shape[0]}")
     nd = grid.dim() - 1
-    check_tensor(op, "weight", weight, ndim=nd + 2, dtypes=(features.dtype,))
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
-    cin, cout = features.shape[1], weight.shape[0]
-    if cin % groups or cout % groups or weight.shape[1] * groups != cin:
-        raise ValueError(f"{op}: weight must be [Cout, Cin/groups, *k] with Cin={cin} and Cout divisible by "
-                         f"groups={groups}, got shape {tuple(weight.shape)}")
+    _check_weight_bias(op, weight, bias, groups, features.shape[1], features.dtype, nd)
     if any(k % 2 == 0 for k in weight.shape[2:]):
         raise ValueError(f"{op}: kernel size must be odd, got weight shape {tuple(weight.shape)}")
-    tensors = dict(features=features, grid=grid, sites=sites, weight=weight)
-    if bias is not None:
-        check_tensor(op, "bias", bias, ndim=1, dtypes=(features.dtype,))
-        if bias.shape[0] != cout:
-            raise ValueError(f"{op}: bias must be [Cout={cout}], got shape {tuple(bias.shape)}")
-        tensors["bias"] = bias
-    check_same_device(op, **tensors)
+    check_same_device(op, features=features, grid=grid, sites=sites, weight=weight,
+                      **({} if bias is None else {"bias": bias}))
     return nd
 
 
@@ -378,14 +371,9 @@ def sparse_downsample_compact(x: SparseTensor, weight: torch.Tensor, bias: torch
         raise TypeError(f"{op}: x must be a SparseTensor, got {type(x).__name__}")
     features, nd = x.features, x.ndim
     check_tensor(op, "features", features, ndim=2, dtypes=_DTYPES)
-    check_tensor(op, "weight", weight, ndim=nd + 2, dtypes=(features.dtype,))
+    _check_weight_bias(op, weight, bias, 1, features.shape[1], features.dtype, nd)
+    check_same_device(op, features=features, weight=weight, **({} if bias is None else {"bias": bias}))
     cin, cout = features.shape[1], weight.shape[0]
-    if weight.shape[1] != cin:
-        raise ValueError(f"{op}: weight must be [Cout, Cin={cin}, *k], got shape {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor(op, "bias", bias, ndim=1, dtypes=(features.dtype,))
-        if bias.shape[0] != cout:
-            raise ValueError(f"{op}: bias must be [Cout={cout}], got shape {tuple(bias.shape)}")
     _check_stride(op, stride, weight, x.spatial_shape, nd)
     coarse_shape = tuple(s // stride for s in x.spatial_shape)
     coords = x.coords.long()

@@ -590,7 +590,7 @@ def test_sparse_downsample_compact_empty_and_errors():
         tcm_kernels.sparse_downsample_compact(st, torch.randn(6, 4, 3, 3), stride=2)
     with pytest.raises(ValueError, match="stride 4 must divide"):
         tcm_kernels.sparse_downsample_compact(st, torch.randn(6, 4, 4, 4), stride=4)
-    with pytest.raises(ValueError, match="weight must be \\[Cout, Cin=4"):
+    with pytest.raises(ValueError, match="weight must be \\[Cout, Cin/groups, \\*k\\] with Cin=4"):
         tcm_kernels.sparse_downsample_compact(st, torch.randn(6, 3, 2, 2), stride=2)
 
 
