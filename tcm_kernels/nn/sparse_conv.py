@@ -14,8 +14,12 @@ import math
 import torch
 from torch import nn
 
-from ..ops.submconv import (sparse_downsample, sparse_downsample_compact, submanifold_conv,
-                            submanifold_conv_compact)
+from ..ops.submconv import (
+    sparse_downsample,
+    sparse_downsample_compact,
+    submanifold_conv,
+    submanifold_conv_compact,
+)
 from ..sparse_tensor import SparseTensor
 
 

@@ -339,7 +339,7 @@ def dense_from_rows(st, features):
     return tcm_kernels.SparseTensor(features, st.coords, st.spatial_shape, st.batch_size).dense()[0]
 
 
-@pytest.mark.parametrize("backend", COMPACT_BACKENDS)
+@pytest.mark.parametrize("backend", [backend_param("submconv_compact_forward", "cpu")])
 @pytest.mark.parametrize("nd,k,dilation,spatial", [(2, 1, 1, None), (2, 3, 1, None), (2, 3, 2, None),
                                                    (2, 7, 1, (13, 17)), (3, 1, 1, None), (3, 3, 1, None),
                                                    (3, 5, 2, None)])
@@ -360,6 +360,12 @@ def test_compact_forward_backward_vs_reference(backend, nd, k, dilation, spatial
     for name, a, e in [("grad_features", f.grad, rows_at(xr.grad, st.coords)), ("grad_w", ws.grad, wr.grad),
                        ("grad_b", bs.grad, br.grad)]:
         assert_close_verbose(a, e, atol=5e-4, rtol=5e-4, name=name)
+
+
+@pytest.mark.parametrize("nd,k,dilation,cin,cout,groups", [(2, 3, 2, 6, 4, 2), (3, 3, 1, 4, 8, 4)])
+def test_compact_reference_vs_dense_reference(nd, k, dilation, cin, cout, groups):
+    """The compact reference back end (the oracle of the Triton compact tests) on a grouped and a depthwise case."""
+    test_compact_forward_backward_vs_reference("reference", nd, k, dilation, None, cin, cout, groups)
 
 
 @pytest.mark.parametrize("backend", COMPACT_BACKENDS)
@@ -580,7 +586,7 @@ def test_sparse_downsample_compact_vs_dense_oracle(nd, spatial, stride, dtype):
 
 
 def test_sparse_downsample_compact_empty_and_errors():
-    st, w, b, _, _ = compact_case(2, 4, 6, 1, spatial=(6, 8))
+    st, _, b, _, _ = compact_case(2, 4, 6, 1, spatial=(6, 8))
     empty = tcm_kernels.SparseTensor(st.features[:0], st.coords[:0], st.spatial_shape, 2)
     out = tcm_kernels.sparse_downsample_compact(empty, torch.randn(6, 4, 2, 2), b, stride=2)
     assert out.features.shape == (0, 6) and out.coords.shape == (0, 3) and out.spatial_shape == (3, 4)
@@ -642,7 +648,7 @@ def test_triton_empty_mask_and_opcheck(backend, device):
 @pytest.mark.parametrize("backend", [TRITON])
 @pytest.mark.parametrize("nd,cin,cout,groups,k,dilation", [(2, 5, 7, 1, 3, 1), (3, 4, 6, 2, 3, 2), (2, 6, 6, 6, 5, 1)])
 def test_triton_compact_vs_reference(backend, device, nd, cin, cout, groups, k, dilation):
-    st, w, b, _, m = compact_case(nd, cin, cout, k, groups, spatial=(9, 7) if nd == 2 else (4, 5, 3))
+    st, w, b, _, _ = compact_case(nd, cin, cout, k, groups, spatial=(9, 7) if nd == 2 else (4, 5, 3))
     km = tcm_kernels.KernelMap(*(t.to(device) for t in st.kernel_map()))
     f, ws, bs = (t.to(device).clone().requires_grad_() for t in (st.features, w, b))
     fr, wr, br = (t.clone().requires_grad_() for t in (st.features, w, b))
@@ -661,7 +667,7 @@ def test_triton_compact_vs_reference(backend, device, nd, cin, cout, groups, k, 
 def test_triton_compact_half_empty_and_opcheck(backend, device):
     from tcm_kernels.triton.submconv import submconv_compact_triton
 
-    st, w, b, x, m = compact_case(2, 8, 8, 3, spatial=(8, 8))
+    st, w, b, _, _ = compact_case(2, 8, 8, 3, spatial=(8, 8))
     km = tcm_kernels.KernelMap(*(t.to(device) for t in st.kernel_map()))
     f, w, b = st.features.to(device), w.to(device), b.to(device)
     y16 = tcm_kernels.submanifold_conv_compact(f.half(), km, w.half(), b.half(), backend=backend)
