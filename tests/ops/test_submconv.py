@@ -585,6 +585,26 @@ def test_sparse_downsample_compact_vs_dense_oracle(nd, spatial, stride, dtype):
         assert_close_verbose(a, e, atol=tol * 2, rtol=tol * 2, name=name)
 
 
+def test_sparse_downsample_compact_is_deterministic():
+    """Forward and all gradients bitwise equal across runs and thread counts, under deterministic-algorithms mode."""
+    st, _, _, _, _ = compact_case(2, 16, 24, 1, spatial=(12, 16))
+    w, b = torch.randn(24, 16, 2, 2), torch.randn(24)
+    results, threads = [], torch.get_num_threads()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            f, ws, bs = (t.clone().requires_grad_() for t in (st.features, w, b))
+            out = tcm_kernels.sparse_downsample_compact(
+                tcm_kernels.SparseTensor(f, st.coords, st.spatial_shape, st.batch_size), ws, bs, stride=2)
+            out.features.square().sum().backward()
+            results.append((out.features.detach(), f.grad, ws.grad, bs.grad))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, e) for r in results[1:] for a, e in zip(r, results[0]))
+
+
 def test_sparse_downsample_compact_empty_and_errors():
     st, _, b, _, _ = compact_case(2, 4, 6, 1, spatial=(6, 8))
     empty = tcm_kernels.SparseTensor(st.features[:0], st.coords[:0], st.spatial_shape, 2)
