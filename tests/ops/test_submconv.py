@@ -302,6 +302,18 @@ def test_sparse_downsample_empty_mask_and_half(backend):
     assert_close_verbose(y16, y_ref, atol=TOL[torch.float16][0], rtol=TOL[torch.float16][1], name="fp16")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_downsample_torch_compile(backend):
+    x, m, _, b = make_case(2, 4, 6, 1, spatial=(8, 6))
+    w = torch.randn(6, 4, 2, 2)
+    compiled = torch.compile(lambda *a: tcm_kernels.sparse_downsample(*a, stride=2, backend=backend), fullgraph=True,
+                             backend="aot_eager")
+    y, mask_out = compiled(x, m, w, b)
+    y_ref, mask_ref = ref.sparse_downsample(x, m, w, b, stride=2)
+    assert torch.equal(mask_out, mask_ref)
+    assert_close_verbose(y, y_ref, atol=2e-5, rtol=2e-5, name="compiled downsample")
+
+
 def test_space_to_depth_is_the_strided_conv():
     """conv(k = s, stride s) == 1x1 conv of space_to_depth with weight.reshape(Cout, Cin s^d, 1, ...)."""
     from tcm_kernels.ops.submconv import space_to_depth
@@ -589,7 +601,7 @@ def test_sparse_downsample_compact_is_deterministic():
     """Forward and all gradients bitwise equal across runs and thread counts, under deterministic-algorithms mode."""
     st, _, _, _, _ = compact_case(2, 16, 24, 1, spatial=(12, 16))
     w, b = torch.randn(24, 16, 2, 2), torch.randn(24)
-    results, threads = [], torch.get_num_threads()
+    results, threads, was_deterministic = [], torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
         for n in (1, 2, 1):
@@ -600,7 +612,7 @@ def test_sparse_downsample_compact_is_deterministic():
             out.features.square().sum().backward()
             results.append((out.features.detach(), f.grad, ws.grad, bs.grad))
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
     assert all(torch.equal(a, e) for r in results[1:] for a, e in zip(r, results[0]))
 
