@@ -202,7 +202,8 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "head": self.head.state_dict(), "ccl_head": self.ccl_head.state_dict(),
+        return {"model": self.model.state_dict(), "head": self.head.state_dict(),
+                "ccl_head": self.ccl_head.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "config": dataclasses.asdict(self.cfg), "torch_rng": torch.get_rng_state()}
