@@ -29,13 +29,11 @@ def _training_range(length: int, slice_range: tuple[float, float]) -> tuple[int,
 class _CropStream:
     """What both streams share: normalised images, saliency provider, augmentation, batching."""
 
-    def __init__(self, scans: Sequence[Scan], size: int, *, slice_range: tuple[float, float], saliency,
-                 prompts: Sequence[str], flip_axes: tuple[int, ...], rotate_deg: float, scale: float,
-                 intensity: float, seed: int):
+    def __init__(self, scans: Sequence[Scan], size: int, *, saliency, prompts: Sequence[str],
+                 flip_axes: tuple[int, ...], rotate_deg: float, scale: float, intensity: float, seed: int):
         if not scans:
             raise ValueError(f"{type(self).__name__}: scans must not be empty")
         self.size, self.seed, self.prompts = size, seed, list(prompts)
-        self.slice_range = slice_range
         self.geometry = Augment(flip_axes=flip_axes, rotate_deg=rotate_deg, scale=scale, intensity_scale=0.0,
                                 intensity_shift=0.0, gamma=0.0)
         self.intensity = Augment(rotate_deg=0.0, scale=0.0, intensity_scale=intensity,
@@ -85,7 +83,7 @@ class SliceStream(_CropStream):
                  saliency=None, prompts: Sequence[str] = (), rotate_deg: float = 8.0, scale: float = 0.1,
                  intensity: float = 0.1, seed: int = 0):
         # Flips are left out: a flipped left lung is a right lung to the prompt.
-        super().__init__(scans, size, slice_range=slice_range, saliency=saliency, prompts=prompts, flip_axes=(),
+        super().__init__(scans, size, saliency=saliency, prompts=prompts, flip_axes=(),
                          rotate_deg=rotate_deg, scale=scale, intensity=intensity, seed=seed)
         self.slices = [list(range(*_training_range(img.shape[0], slice_range))) if img.dim() == 3 else [None]
                        for img in self.images]
@@ -127,8 +125,8 @@ class VolumeStream(_CropStream):
             raise ValueError(f"VolumeStream: every scan must be a 3-D volume, got 2-D images {flat}")
         if 2 in flip_axes:
             raise ValueError("VolumeStream: flip_axes must not contain 2 (left-right): prompts name sides")
-        super().__init__(scans, size, slice_range=slice_range, saliency=saliency, prompts=prompts,
-                         flip_axes=flip_axes, rotate_deg=rotate_deg, scale=scale, intensity=intensity, seed=seed)
+        super().__init__(scans, size, saliency=saliency, prompts=prompts, flip_axes=flip_axes,
+                         rotate_deg=rotate_deg, scale=scale, intensity=intensity, seed=seed)
         self.slabs = [_training_range(img.shape[0], slice_range) for img in self.images]
 
     def item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
