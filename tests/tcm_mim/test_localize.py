@@ -260,6 +260,21 @@ def test_cluster_guide_finds_the_lesion():
         ClusterGuide(4, num_clusters=1)
 
 
+def test_cluster_guide_categorizes_3d_patches():
+    gen = torch.Generator().manual_seed(0)
+    volume = 0.2 + 0.02 * torch.randn(16, 16, 16, generator=gen)
+    volume[4:12, 8:16, 0:8] = 0.9 + 0.02 * torch.randn(8, 8, 8, generator=gen)  # a 2^3-patch "lesion"
+    lesion = torch.zeros(4, 4, 4, dtype=torch.bool)
+    lesion[1:3, 2:4, 0:2] = True
+    guide = ClusterGuide(4, seed=0)
+    in_lesion, difficulty = guide.categorize(volume)
+    assert torch.equal(in_lesion, lesion.flatten())  # row-major (z, y, x) patch order, as patch_scores
+    assert difficulty.shape == (64,) and float(difficulty.min()) >= 0 and float(difficulty.max()) <= 1
+    sal = guide(volume)
+    assert sal.shape == (16, 16, 16)
+    torch.testing.assert_close(tcm_kernels.patch_scores(sal[None, None], 4)[0], guide.patch_scores(volume))
+
+
 def test_saliency_cache_computes_once(tmp_path, brain):
     calls = []
 

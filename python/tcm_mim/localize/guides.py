@@ -126,6 +126,14 @@ class ClusterGuide:
         """[*S] float32 in [0, 1], constant over each patch."""
         volume = _as_volume(image, "ClusterGuide")
         shape = tuple(volume.shape)
+        return _to_pixels(self.patch_scores(volume), shape, _patch_tuple(self.patch_size, shape, "ClusterGuide"))
+
+    @torch.no_grad()
+    def categorize(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per patch (row-major, as ``tcm_kernels.patch_scores``) of an image [H, W] or [D, H, W]:
+        (lesion bool [N]: in the lesion cluster, difficulty float32 [N] in [0, 1])."""
+        volume = _as_volume(image, "ClusterGuide")
+        shape = tuple(volume.shape)
         ps = _patch_tuple(self.patch_size, shape, "ClusterGuide")
         feats = self.features(volume) if self.features is not None else patch_features(volume, ps)
         n = int(torch.tensor(_grid(shape, ps)).prod())
@@ -144,8 +152,12 @@ class ClusterGuide:
             lesion = int(torch.where(sizes > 0, sizes, sizes.max() + 1).argmin())
             z = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
             difficulty = _minmax((z - centres[background]).norm(dim=1))
-        score = self.cluster_weight * (assign == lesion).float() + (1 - self.cluster_weight) * difficulty
-        return _to_pixels(score, shape, ps)
+        return assign == lesion, difficulty
+
+    def patch_scores(self, image) -> torch.Tensor:
+        """float32 [N] in [0, 1]: the score of each patch (class docstring), without the pixel map."""
+        lesion, difficulty = self.categorize(image)
+        return self.cluster_weight * lesion.float() + (1 - self.cluster_weight) * difficulty
 
     def kmeans(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k-means on standardised features: (assignment int64 [N], centres [k, D])."""

@@ -64,6 +64,7 @@ class MIMOutput(NamedTuple):
     per_patch: torch.Tensor  # [B, N] per-patch loss (AnatoMask / AMLP guidance)
     pred: torch.Tensor  # [B, C, *S] reconstruction (normalized-pixel space when norm_pix)
     embedding: torch.Tensor  # [B, C_last] mean of the deepest features over active sites
+    patch_features: torch.Tensor  # [B, C_last, N] deepest features per patch (zero at masked patches)
 
 
 class SparKMIM(nn.Module):
@@ -104,4 +105,5 @@ class SparKMIM(nn.Module):
         last, last_mask = feats[-1]
         w = last_mask.to(last.dtype)
         embedding = (last * w).flatten(2).sum(-1) / w.flatten(2).sum(-1).clamp_min(1.0)
-        return MIMOutput(loss, per_patch, pred, embedding)
+        # The deepest stage has the stride of a patch: one feature vector per patch, in patch order.
+        return MIMOutput(loss, per_patch, pred, embedding, last.flatten(2))

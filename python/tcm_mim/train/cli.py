@@ -4,6 +4,7 @@ Examples::
 
     tcm-pretrain method=spark steps=100
     tcm-pretrain --config configs/pretrain_tcm.yaml lr=1e-3 --resume
+    tcm-pretrain --config configs/pretrain_tcm3d.yaml method=amlp   # 3-D: dim follows the encoder
     torchrun --nproc_per_node=2 -m tcm_mim.train.cli --config configs/pretrain_tcm.yaml
 
 Under torchrun every rank trains on its own items of the stream, gradients are averaged

@@ -9,6 +9,14 @@ from dataclasses import dataclass, field
 METHODS = ("spark", "tcm", "anatomask", "amlp")
 
 
+def is_3d_encoder(name: str) -> bool:
+    """Encoders named for volumes (``resnet3d``, ``resnet3d_tiny``): their configs are sized for 3-D.
+
+    Every other encoder is 2-D by default but may be built 3-D with an explicit ``dim: 3``.
+    """
+    return "3d" in name.lower()
+
+
 @dataclass
 class PretrainConfig:
     # what to train
@@ -16,8 +24,9 @@ class PretrainConfig:
     dataset: str = "chest_ct"  # an embedded dataset name, or a folder path
     prompts: list[str] = field(default_factory=lambda: ["left lung", "heart"])  # tcm: the diagnostic text
     encoder: str = "resnet_tiny"  # see tcm_mim.models.build_encoder
+    dim: int | None = None  # 2 (slices) or 3 (volumes); None: 3 for a 3-D encoder (name with "3d"), else 2
     decoder_width: int = 64
-    image_size: int = 128  # square 2-D crops (a multiple of the encoder's patch size, 32 for ResNets)
+    image_size: int = 128  # side of the square (2-D) or cubic (3-D) crops, a multiple of the encoder's patch size
     # masking
     mask_ratio: float | None = None  # None: the method's default (spark/anatomask 0.6, tcm 0.4, amlp ramps)
     roi_mask_ratio: float = 0.7  # tcm: share of ROI patches masked (background takes the rest of the budget)
@@ -25,6 +34,8 @@ class PretrainConfig:
     hard_fraction_max: float = 0.5  # anatomask: curriculum ends at this share of the budget from hard patches
     amlp_ratio_start: float = 0.4
     amlp_ratio_end: float = 0.7
+    amlp_ccl_weight: float = 0.1  # amlp: weight of the category consistency loss (0 turns it off)
+    amlp_ccl_blend: float = 0.5  # amlp: CCL target = (1 - blend) * k-means lesion cluster + blend * hard patch
     # losses
     contrastive_weight: float = 0.1  # tcm: InfoNCE between two masked views
     temperature: float = 0.2
@@ -48,6 +59,22 @@ class PretrainConfig:
             raise ValueError(f"config: method must be one of {METHODS}, got {self.method!r}")
         if self.backend not in (None, "reference", "cpu", "triton", "cuda"):
             raise ValueError(f"config: backend must be reference/cpu/triton/cuda or null, got {self.backend!r}")
+        if self.dim not in (None, 2, 3):
+            raise ValueError(f"config: dim must be 2, 3 or null (inferred from the encoder), got {self.dim!r}")
+        if self.dim == 2 and is_3d_encoder(self.encoder):
+            raise ValueError(f"config: encoder {self.encoder!r} is a 3-D encoder, but dim is 2; leave dim unset "
+                             f"(or 3) for it, or pick a 2-D encoder such as resnet_tiny")
+        if not 0.0 <= self.amlp_ccl_blend <= 1.0:
+            raise ValueError(f"config: amlp_ccl_blend must be in [0, 1], got {self.amlp_ccl_blend}")
+        if self.amlp_ccl_weight < 0:
+            raise ValueError(f"config: amlp_ccl_weight must be >= 0, got {self.amlp_ccl_weight}")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3: ``dim`` if set, else 3 for a 3-D encoder and 2 for every other one."""
+        if self.dim is not None:
+            return self.dim
+        return 3 if is_3d_encoder(self.encoder) else 2
 
     def ratio_at(self, step: int) -> float:
         """The overall masking ratio at ``step``."""

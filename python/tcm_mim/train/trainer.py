@@ -1,6 +1,7 @@
 """The pretraining loop shared by the four methods.
 
-Per step: a deterministic batch (``SliceStream``), the method's patch scores and
+Per step: a deterministic batch (``SliceStream`` of 2-D crops, ``VolumeStream`` of 3-D
+crops when the config's ``spatial_dims`` is 3), the method's patch scores and
 mask (``tcm_kernels.sample_mask`` with ``offset`` = a function of the step), the
 SparK model, the method's loss, AdamW with warm-up + cosine. Checkpoints are written
 atomically and hold everything a resumed run needs to continue exactly.
@@ -24,10 +25,13 @@ import tcm_kernels
 
 from ..data import load_embedded
 from ..models import SparKMIM, build_encoder, set_backend
+from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
 from .config import PretrainConfig
-from .stream import SliceStream
+from .stream import SliceStream, VolumeStream
 
-CSV_FIELDS = ("step", "loss", "recon", "contrastive", "lr", "mask_ratio", "images_per_s")
+# Every method logs every loss column (zero where a term does not apply), so runs line up.
+LOSS_TERMS = ("loss", "recon", "contrastive", "ccl")
+CSV_FIELDS = ("step", *LOSS_TERMS, "lr", "mask_ratio", "images_per_s")
 
 
 def atomic_save(obj, path: pathlib.Path) -> None:
@@ -37,8 +41,13 @@ def atomic_save(obj, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
-def _scans(cfg: PretrainConfig):
+def _scans(cfg: PretrainConfig, dim: int):
     scans = load_embedded(cfg.dataset)
+    flat = [s.name for s in scans if s.image.ndim != 3]
+    if dim == 3 and flat:
+        raise ValueError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
+                         f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
+                         f"2-D encoder (resnet_tiny)")
     if cfg.method == "tcm":
         scans = [s for s in scans if s.labels is not None]
         if not scans:
@@ -55,9 +64,9 @@ class Trainer:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        scans = _scans(cfg)
-        self.dim = 2
-        self.model = SparKMIM(build_encoder(cfg.encoder, dim=2, in_channels=1), dim=2, in_channels=1,
+        self.dim = cfg.spatial_dims
+        scans = _scans(cfg, self.dim)
+        self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1), dim=self.dim, in_channels=1,
                               decoder_width=cfg.decoder_width)
         set_backend(self.model, cfg.backend)
         if self.world > 1:  # statistics of the sparse batch norms over all ranks' active sites
@@ -67,15 +76,18 @@ class Trainer:
         if cfg.image_size % self.model.patch_size:
             raise ValueError(f"config: image_size {cfg.image_size} must be a multiple of the encoder's patch size "
                              f"{self.model.patch_size}")
-        self.grid = (cfg.image_size // self.model.patch_size,) * 2
+        self.grid = (cfg.image_size // self.model.patch_size,) * self.dim
         saliency = self._saliency_provider(scans) if cfg.method == "tcm" else None
-        self.stream = SliceStream(scans, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        stream = VolumeStream if self.dim == 3 else SliceStream
+        self.stream = stream(scans, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
         width = self.model.encoder.channels[-1]
         self.head = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64))
+        self.ccl_head = nn.Linear(width, 1)  # amlp: the lesion logit of each patch's encoder features
         self.teacher = None
         if cfg.method == "anatomask":
             self.teacher = copy.deepcopy(self.model).requires_grad_(False)
-        params = list(self.model.parameters()) + (list(self.head.parameters()) if cfg.method == "tcm" else [])
+        extra = {"tcm": self.head, "amlp": self.ccl_head}.get(cfg.method)
+        params = list(self.model.parameters()) + (list(extra.parameters()) if extra is not None else [])
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
@@ -83,6 +95,8 @@ class Trainer:
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.head_net = nn.parallel.DistributedDataParallel(self.head) if self.world > 1 and cfg.method == "tcm" \
             else self.head
+        self.ccl_net = nn.parallel.DistributedDataParallel(self.ccl_head) \
+            if self.world > 1 and cfg.method == "amlp" else self.ccl_head
 
     # ------------------------------------------------------------------ pieces
 
@@ -107,22 +121,35 @@ class Trainer:
         return tcm_kernels.sample_mask(scores, ratio, strategy=strategy, seed=self.cfg.seed, offset=offset,
                                        **kw).visible
 
-    def _per_patch_difficulty(self, model: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
-        """Per-patch loss of ``model`` on a uniform mask: the score AnatoMask and AMLP select by."""
-        b, n = images.shape[0], self.grid[0] * self.grid[1]
-        probe = self._mask(torch.zeros(b, n), "uniform", 0.5, 2 * step + 1)
+    @property
+    def num_patches(self) -> int:
+        return math.prod(self.grid)
+
+    def _per_patch_difficulty(self, model: nn.Module, images: torch.Tensor, step: int, *,
+                              complementary: bool = False) -> torch.Tensor:
+        """Per-patch loss of ``model`` on a uniform mask: the score AnatoMask and AMLP select by.
+
+        ``complementary``: also run the complementary mask, so that every patch's value is its
+        loss when masked (one no-grad pass over twice the batch); else the patches the probe
+        kept score their (small) loss when visible.
+        """
+        b = images.shape[0]
+        probe = self._mask(torch.zeros(b, self.num_patches), "uniform", 0.5, 2 * step + 1)
         with torch.no_grad():
-            return model(images, probe).per_patch.float().clamp_min(0)
+            if not complementary:
+                return model(images, probe).per_patch.float().clamp_min(0)
+            both = model(torch.cat([images, images]), torch.cat([probe, ~probe])).per_patch.float().clamp_min(0)
+            return torch.where(probe, both[b:], both[:b])
 
     def compute_loss(self, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         images, saliency = self.stream.batch(step * self.world + self.rank, cfg.batch_size)
-        b, n = images.shape[0], self.grid[0] * self.grid[1]
+        b, n = images.shape[0], self.num_patches
         ratio = cfg.ratio_at(step)
         zero = torch.zeros((), dtype=torch.float32)
         if cfg.method == "spark":
             out = self.net(images, self._mask(torch.zeros(b, n), "uniform", ratio, 2 * step))
-            return {"loss": out.loss, "recon": out.loss, "contrastive": zero}
+            return {"loss": out.loss, "recon": out.loss, "contrastive": zero, "ccl": zero}
         if cfg.method == "tcm":
             scores = tcm_kernels.patch_scores(saliency, self.model.patch_size, reduce="mean")
             kw = dict(roi_threshold=cfg.roi_threshold, roi_mask_ratio=cfg.roi_mask_ratio)
@@ -133,33 +160,40 @@ class Trainer:
             contrastive = tcm_kernels.info_nce(z[:b], z[b:], temperature=cfg.temperature, normalize=True,
                                                gather=self.world > 1)
             recon = out.loss  # the mean over both views' masked patches (each row masks the same count)
-            return {"loss": recon + cfg.contrastive_weight * contrastive, "recon": recon, "contrastive": contrastive}
+            return {"loss": recon + cfg.contrastive_weight * contrastive, "recon": recon, "contrastive": contrastive,
+                    "ccl": zero}
         if cfg.method == "anatomask":
             scores = self._per_patch_difficulty(self.teacher, images, step)
             visible = self._mask(scores, "hardest", ratio, 2 * step, hard_fraction=cfg.hard_fraction_at(step))
             out = self.net(images, visible)
-            return {"loss": out.loss, "recon": out.loss, "contrastive": zero}
-        # amlp: cluster- and difficulty-guided sampling, attention-weighted reconstruction, ratio ramp
-        visible = self._mask(self._cluster_scores(images, step), "weighted", ratio, 2 * step)
+            return {"loss": out.loss, "recon": out.loss, "contrastive": zero, "ccl": zero}
+        # amlp: cluster- and difficulty-guided sampling, attention-weighted reconstruction, category
+        # consistency, ratio ramp (definitions in tcm_mim.train.amlp)
+        scores, lesion, difficulty = self._cluster_categories(images, step)
+        visible = self._mask(scores, "weighted", ratio, 2 * step)
         out = self.net(images, visible)
-        masked = (~visible).to(out.per_patch.dtype)
-        difficulty = out.per_patch.detach() * masked
-        weight = 1 + difficulty / difficulty.sum().div(masked.sum()).clamp_min(1e-12)
-        recon = (weight * out.per_patch * masked).sum() / (weight * masked).sum()
-        return {"loss": recon, "recon": recon, "contrastive": zero}
+        recon = attention_recon_loss(out.per_patch, visible)
+        logits = self.ccl_net(out.patch_features.transpose(1, 2)).squeeze(-1)
+        ccl = category_consistency_loss(logits, ccl_targets(lesion, difficulty, cfg.amlp_ccl_blend), visible)
+        return {"loss": recon + cfg.amlp_ccl_weight * ccl, "recon": recon, "contrastive": zero, "ccl": ccl}
 
-    def _cluster_scores(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """AMLP: k-means of patch descriptors into lesion/background, blended with reconstruction difficulty."""
+    def _cluster_categories(self, images: torch.Tensor, step: int):
+        """AMLP: k-means of patch descriptors into lesion/background, with each patch's difficulty.
+
+        Returns (scores float [B, N] > 0 for the weighted sampler: cluster membership blended with
+        difficulty, lesion bool [B, N], difficulty float [B, N]: each patch's loss when masked).
+        """
         from ..localize import ClusterGuide
 
-        difficulty = self._per_patch_difficulty(self.model, images, step)
-        maps = []
+        difficulty = self._per_patch_difficulty(self.model, images, step, complementary=True)
+        scores, lesion = [], []
         for i in range(images.shape[0]):
             guide = ClusterGuide(self.model.patch_size, patch_loss=lambda _img, row=difficulty[i]: row,
                                  seed=self.cfg.seed)
-            maps.append(guide(images[i, 0]))
-        scores = tcm_kernels.patch_scores(torch.stack(maps)[:, None], self.model.patch_size, reduce="mean")
-        return scores + 1e-6  # every patch stays eligible
+            in_lesion, scaled = guide.categorize(images[i, 0])
+            lesion.append(in_lesion)
+            scores.append(guide.cluster_weight * in_lesion.float() + (1 - guide.cluster_weight) * scaled)
+        return torch.stack(scores) + 1e-6, torch.stack(lesion), difficulty  # + 1e-6: every patch stays eligible
 
     # ------------------------------------------------------------------ state
 
@@ -169,6 +203,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "head": self.head.state_dict(),
+                "ccl_head": self.ccl_head.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "config": dataclasses.asdict(self.cfg), "torch_rng": torch.get_rng_state()}
@@ -176,6 +211,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.head.load_state_dict(state["head"])
+        if "ccl_head" in state:  # checkpoints written before the CCL head existed have none
+            self.ccl_head.load_state_dict(state["ccl_head"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -254,11 +291,14 @@ class Trainer:
         return self.checkpoint_path
 
     def save_images(self, path: pathlib.Path) -> None:
-        """image | masked input | reconstruction (de-normalised with each patch's own statistics), per row."""
+        """image | masked input | reconstruction (de-normalised with each patch's own statistics), per row.
+
+        3-D: the central axial slice (first axis) of each of the three volumes.
+        """
         from PIL import Image
 
         images, saliency = self.stream.batch(0, min(4, self.cfg.batch_size))
-        b, n = images.shape[0], self.grid[0] * self.grid[1]
+        b = images.shape[0]
         scores = tcm_kernels.patch_scores(saliency, self.model.patch_size, reduce="mean")
         visible = self._mask(scores, "stratified" if self.cfg.method == "tcm" else "uniform", self.cfg.ratio_at(0),
                              0, roi_threshold=self.cfg.roi_threshold, roi_mask_ratio=self.cfg.roi_mask_ratio)
@@ -270,17 +310,22 @@ class Trainer:
         pix = tcm_kernels.upsample_mask(visible.reshape(b, 1, *self.grid), p).float()
         rec = _denormalize_patches(pred, images, p) if self.model.norm_pix else pred
         rec = rec * (1 - pix) + images * pix
-        rows = torch.cat([images, images * pix, rec.clamp(0, 1)], dim=3)[:, 0]
+        panels = [images, images * pix, rec.clamp(0, 1)]
+        if self.dim == 3:
+            panels = [x[:, :, x.shape[2] // 2] for x in panels]
+        rows = torch.cat(panels, dim=3)[:, 0]
         grid = torch.cat(list(rows), dim=0)
         Image.fromarray((grid.numpy() * 255).astype("uint8")).save(path)
 
 
 def _denormalize_patches(pred: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
-    b, c, h, w = target.shape
-    t = target.reshape(b, c, h // p, p, w // p, p)
-    mean = t.mean(dim=(3, 5), keepdim=True)
-    std = (t.var(dim=(3, 5), keepdim=True) + 1e-6).sqrt()
-    return (pred.reshape_as(t) * std + mean).reshape(b, c, h, w)
+    """Undo norm_pix on pred [B, C, *S] (2-D or 3-D) with each target patch's mean and std."""
+    b, c, *spatial = target.shape
+    t = target.reshape(b, c, *[x for s in spatial for x in (s // p, p)])
+    within = tuple(range(3, 2 + 2 * len(spatial), 2))  # the axes inside a patch
+    mean = t.mean(dim=within, keepdim=True)
+    std = (t.var(dim=within, keepdim=True) + 1e-6).sqrt()
+    return (pred.reshape_as(t) * std + mean).reshape(target.shape)
 
 
 def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
