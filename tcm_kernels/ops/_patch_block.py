@@ -15,9 +15,11 @@ conv is the library's dense one (its FLOPs are exactly the useful ones; only the
 padded dense input, not from the neighbouring tiles.
 
 Backward: the input gradient is this same path run on ``grad_out`` with the flipped,
-in/out-transposed kernel (as in the generic engine); the weight gradient is the dense conv's
-weight gradient over the same tiles (oneDNN / cuDNN through ``aten.convolution_backward``;
-deterministic for a fixed thread count on the CPU); the bias gradient a masked sum.
+in/out-transposed kernel (as in the generic engine). The weight gradient on the CPU is the
+compiled engine's (``tcm::submconv_weight_grad``: faster than oneDNN's over the tiles, and
+bit-identical for any thread count); elsewhere (or without the build) it is the dense conv's
+weight gradient over the same tiles (``aten.convolution_backward``; deterministic on the CPU for
+a fixed thread count). The bias gradient is a masked sum.
 Arithmetic runs in fp32 for fp16/bf16 inputs (fp64 stays fp64).
 
 Wrapped as the custom op ``tcm_patch::submconv`` (autograd + fake implementation), so
@@ -30,31 +32,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
+
 _OP = "submanifold_conv"
 _CONV = {2: F.conv2d, 3: F.conv3d}
 PATHS = ("auto", "generic", "patch")
 
 
-def prefer_patch_path(device_type: str, nd: int, patch: int, kernel: tuple[int, ...], dilation: list[int],
+def prefer_patch_path(backend: str, nd: int, patch: int, kernel: tuple[int, ...], dilation: list[int],
                       groups: int) -> bool:
     """The automatic rule: whether the patch-block path is the faster one for this layer.
 
-    Measured on the CPU (docs/submconv.md, "Path choice"): RULE_PLACEHOLDER
+    CPU (measured, docs/submconv.md "Path choice"): only 3D layers with patches of >= 16 voxels,
+    a halo of at most p / 8 per side (k = 3 at p = 16: the tiles read (18/16)^3 = 1.42x the
+    input) and no groups. There oneDNN's conv over the tiles runs near at::mm's rate while the
+    generic engine's per-row im2col of 27 taps costs more than the tile copies. In 2D (ResNet
+    stages, p = 8 ... 1) oneDNN on 10x10 ... 3x3 tiles is slower than the generic engine's GEMM
+    (1.3-5x slower layers), so the generic path is used.
+    Triton (not timed, no GPU was available): any hinted patch size. The tile kernel does the
+    same ``tl.dot`` work as the generic kernel and reads/writes the masked-dense tensors in place,
+    skipping the kernel-map build, the compact gather and the scatter.
+    ``backend="cuda"`` (compile-checked only): the generic path.
     """
-    if device_type == "cpu":
-        return nd == 3 and patch >= 16
-    return patch >= 2
+    if backend != "cpu":
+        return backend == "triton"
+    return nd == 3 and patch >= 16 and groups == 1 and max(halo(kernel, dilation)) * 8 <= patch
 
 
-def use_patch_path(path: str, x: torch.Tensor, weight: torch.Tensor, dilation: list[int], groups: int,
-                   patch: int | None) -> bool:
+def use_patch_path(path: str, backend: str, x: torch.Tensor, weight: torch.Tensor, dilation: list[int],
+                   groups: int, patch: int | None) -> bool:
     """Validate ``path`` and resolve ``"auto"`` with :func:`prefer_patch_path`."""
     if path not in PATHS:
         raise ValueError(f"{_OP}: path must be one of {PATHS}, got {path!r}")
     if path == "patch" and patch is None:
         raise ValueError(f"{_OP}: path='patch' needs patch_size (the patch size of the mask at this scale), got None")
     if path == "auto":
-        return patch is not None and prefer_patch_path(x.device.type, x.dim() - 2, patch, tuple(weight.shape[2:]),
+        return patch is not None and prefer_patch_path(backend, x.dim() - 2, patch, tuple(weight.shape[2:]),
                                                        dilation, groups)
     return path == "patch"
 
@@ -184,6 +197,14 @@ def masked_bias_grad(grad_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (grad_out.float() * mask).sum([0, *range(2, grad_out.dim())]).to(grad_out.dtype)
 
 
+def _compiled_weight_grad(x: torch.Tensor) -> bool:
+    """Whether the compiled engine's weight gradient serves (CPU): it beat oneDNN's weight gradient over
+    the tiles on the 3D benchmark layers (6.9 s vs 8.3 s at 96^3 C64) and is bit-identical for any
+    thread count."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _backend.compiled_available("submconv_weight_grad", "cpu"))
+
+
 def _setup_context(ctx, inputs, output):
     x, mask, weight, bias, dilation, groups, patch = inputs
     ctx.save_for_backward(x, mask, weight)
@@ -200,7 +221,10 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[0]:
         grad_x = submconv_patch(grad_out, mask, transposed_kernel(weight, groups), None, dilation, groups, patch)
     if ctx.needs_input_grad[2]:
-        grad_w = submconv_patch_weight_grad(grad_out, x, mask, weight, dilation, groups, patch)
+        if _compiled_weight_grad(x):
+            grad_w = torch.ops.tcm.submconv_weight_grad(grad_out.contiguous(), x, mask, weight, dilation, groups, 0)
+        else:
+            grad_w = submconv_patch_weight_grad(grad_out, x, mask, weight, dilation, groups, patch)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_b = masked_bias_grad(grad_out, mask)
     return grad_x, None, grad_w, grad_b, None, None, None

@@ -142,7 +142,7 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
             (dense tiles with halos, one dense conv over all active patches; needs
             ``patch_size``) or ``"auto"``: the patch-block path when ``patch_size`` is given
             and :func:`tcm_kernels.ops._patch_block.prefer_patch_path` says it is the faster
-            one for (d, p, channels, kernel) on this device, the generic path otherwise
+            one for (back end, d, p, kernel, groups), the generic path otherwise
             (rule and measurements: docs/submconv.md). Ignored by ``backend="reference"``.
 
     Returns:
@@ -155,8 +155,8 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
         raise ValueError(f"{_OP}: kernel size must be odd, got weight shape {tuple(weight.shape)}")
     if patch_size is not None:
         _check_patch_alignment(mask, patch_size)
-    use_patch = _patch_block.use_patch_path(path, x, weight, dil, groups, patch_size)
     chosen = _choose(x, backend)
+    use_patch = _patch_block.use_patch_path(path, chosen, x, weight, dil, groups, patch_size)
     if chosen == "reference":
         return _ref.submanifold_conv(x, mask, weight, bias, dilation=tuple(dil), groups=groups)
     if use_patch and chosen == "triton":

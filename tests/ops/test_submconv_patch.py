@@ -186,17 +186,22 @@ def test_path_argument_is_validated():
 # The documented rule (docs/submconv.md, "Path choice"): cases on both sides of the measured crossover.
 RULE_CASES = [
     ("cpu", 3, 16, (3, 3, 3), [1, 1, 1], 1, True),   # 96^3 volume, patch 16: patch-block path
+    ("cpu", 3, 32, (5, 5, 5), [1, 1, 1], 1, True),
+    ("cpu", 3, 16, (3, 3, 3), [2, 2, 2], 1, True),   # halo 2 = p / 8
+    ("cpu", 3, 16, (5, 5, 5), [2, 2, 2], 1, False),  # halo 4 > p / 8
+    ("cpu", 3, 16, (3, 3, 3), [1, 1, 1], 2, False),  # grouped: not measured, generic
     ("cpu", 3, 8, (3, 3, 3), [1, 1, 1], 1, False),
     ("cpu", 2, 8, (3, 3), [1, 1], 1, False),         # ResNet stage 1 (p = 8): generic
-    ("cpu", 2, 1, (3, 3), [1, 1], 1, False),
-    ("cuda", 2, 4, (3, 3), [1, 1], 1, True),
-    ("cuda", 2, 1, (3, 3), [1, 1], 1, False),
+    ("cpu", 2, 32, (3, 3), [1, 1], 1, False),
+    ("triton", 2, 1, (3, 3), [1, 1], 1, True),
+    ("triton", 3, 4, (7, 7, 7), [1, 1, 1], 6, True),
+    ("cuda", 3, 16, (3, 3, 3), [1, 1, 1], 1, False),
 ]
 
 
-@pytest.mark.parametrize("device_type,nd,patch,kernel,dilation,groups,expected", RULE_CASES)
-def test_auto_rule(device_type, nd, patch, kernel, dilation, groups, expected):
-    assert prefer_patch_path(device_type, nd, patch, kernel, dilation, groups) is expected
+@pytest.mark.parametrize("backend,nd,patch,kernel,dilation,groups,expected", RULE_CASES)
+def test_auto_rule(backend, nd, patch, kernel, dilation, groups, expected):
+    assert prefer_patch_path(backend, nd, patch, kernel, dilation, groups) is expected
 
 
 @pytest.mark.parametrize("backend", [CPU])
@@ -234,6 +239,21 @@ def test_torch_compile_fullgraph(backend, dev):
     y_c.sum().backward()
     for a, e in zip(args_c, args):
         assert_close_verbose(a.grad, e.grad, atol=1e-5, rtol=1e-5, name="compiled grad")
+
+
+@pytest.mark.parametrize("nd,k,groups,dilation,patch,spatial", [(2, 3, 1, 1, 4, (8, 12)), (2, 5, 2, 2, 2, (6, 8)),
+                                                                (3, 3, 1, 1, 2, (4, 4, 6)), (3, 3, 4, 1, 2, (4, 2, 4))])
+def test_tile_weight_grad_vs_reference(nd, k, groups, dilation, patch, spatial):
+    """The oneDNN weight gradient over the tiles (used where the compiled engine's is not) vs the reference's."""
+    x, m, w, _ = make_case(nd, 4, 8, k, groups, spatial=spatial, mask=patch, bias=False)
+    wr = w.clone().requires_grad_()
+    y = ref.submanifold_conv(x, m, wr, groups=groups, dilation=dilation)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    got = submconv_patch_weight_grad(grad, x, m, w, [dilation] * nd, groups, patch)
+    assert_close_verbose(got, wr.grad, atol=5e-4, rtol=5e-4, name="grad_w")
+    two = submconv_patch_weight_grad(grad, x, m, w, [dilation] * nd, groups, patch)
+    assert torch.equal(got, two), "the tile weight gradient differs between two runs"
 
 
 def test_opcheck_cpu_ops():
