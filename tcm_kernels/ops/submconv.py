@@ -18,6 +18,10 @@ Backward: the input gradient is the same engine run on ``grad_out`` with the
 flipped, in/out-transposed kernel (the neighbour relation is symmetric, so no
 atomics are needed); the weight gradient sums ``A^T G`` over chunks in a fixed,
 shape-determined number of partitions, added in order: deterministic.
+
+Patch-aligned masks have a second path (``path="patch"``, ``_patch_block.py`` and
+``triton/submconv_patch.py``): dense tiles with halos, one dense conv over them; ``path="auto"``
+picks it where it was measured faster (``_patch_block.prefer_patch_path``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import torch
 
 from .. import _backend
 from .._checks import check_same_device, check_tensor
-from . import _patch_block
 from ..reference import submconv as _ref
+from . import _patch_block
 
 _OP = "submanifold_conv"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -63,7 +63,7 @@ def _submconv_patch_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < cout_g
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, taps):
+    for k in range(taps):
         z = zs + tl.load(offsets_ptr + 3 * k)
         y = ys + tl.load(offsets_ptr + 3 * k + 1)
         x = xs + tl.load(offsets_ptr + 3 * k + 2)

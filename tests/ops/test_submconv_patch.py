@@ -11,8 +11,12 @@ import torch
 
 import tcm_kernels
 from tcm_kernels.ops import _patch_block
+from tcm_kernels.ops._patch_block import (
+    prefer_patch_path,
+    submconv_patch,
+    submconv_patch_weight_grad,
+)
 from tcm_kernels.ops.submconv import is_patch_aligned
-from tcm_kernels.ops._patch_block import prefer_patch_path, submconv_patch, submconv_patch_weight_grad
 from tcm_kernels.reference import submconv as ref
 from tests.ops.test_submconv import TOL, make_case
 from tests.utils import assert_close_verbose, backend_param, run_without_interpreter
