@@ -48,7 +48,7 @@ def prefer_patch_path(backend: str, nd: int, patch: int, kernel: tuple[int, ...]
     input) and no groups. There oneDNN's conv over the tiles runs near at::mm's rate while the
     generic engine's per-row im2col of 27 taps costs more than the tile copies. In 2D (ResNet
     stages, p = 8 ... 1) oneDNN on 10x10 ... 3x3 tiles is slower than the generic engine's GEMM
-    (1.3-5x slower layers), so the generic path is used.
+    (1.2-5.9x slower at p = 8, 2, 1; a tie at p = 4), so the generic path is used.
     Triton (not timed, no GPU was available): any hinted patch size. The tile kernel does the
     same ``tl.dot`` work as the generic kernel and reads/writes the masked-dense tensors in place,
     skipping the kernel-map build, the compact gather and the scatter.
