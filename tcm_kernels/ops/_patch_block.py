@@ -43,7 +43,7 @@ def prefer_patch_path(backend: str, nd: int, patch: int, kernel: tuple[int, ...]
                       groups: int) -> bool:
     """The automatic rule: whether the patch-block path is the faster one for this layer.
 
-    CPU (measured, docs/submconv.md "Path choice"): only 3D layers with patches of >= 16 voxels,
+    CPU (measured, docs/submconv.md "Two compute paths"): only 3D layers with patches of >= 16 voxels,
     a halo of at most p / 8 per side (k = 3 at p = 16: the tiles read (18/16)^3 = 1.42x the
     input) and no groups. There oneDNN's conv over the tiles runs near at::mm's rate while the
     generic engine's per-row im2col of 27 taps costs more than the tile copies. In 2D (ResNet

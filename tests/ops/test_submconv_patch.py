@@ -187,7 +187,7 @@ def test_path_argument_is_validated():
         tcm_kernels.submanifold_conv(x, m, w, path="patch")
 
 
-# The documented rule (docs/submconv.md, "Path choice"): cases on both sides of the measured crossover.
+# The documented rule (docs/submconv.md, "Two compute paths"): cases on both sides of the measured crossover.
 RULE_CASES = [
     ("cpu", 3, 16, (3, 3, 3), [1, 1, 1], 1, True),   # 96^3 volume, patch 16: patch-block path
     ("cpu", 3, 32, (5, 5, 5), [1, 1, 1], 1, True),
