@@ -4,8 +4,11 @@ Baselines, side by side per layer shape and mask:
 * ``dense_emulation`` (baseline): SparK / AnatoMask, ``conv(x * mask) * mask`` through oneDNN;
 * ``spconv``: spconv 2.x ``SubMConv{2,3}d`` forward on the CPU (when installed), timed on its own
   SparseConvTensor (conversion excluded);
-* ``tcm_cpu``: our compiled engine (implicit GEMM over cache-sized chunks of active rows);
-* ``tcm_cpu_compact``: the same engine on the compact layout (features already [N, C] with a cached
+* ``tcm_cpu``: our generic path, the compiled engine (implicit GEMM over cache-sized chunks of active
+  rows; ``path="generic"``);
+* ``tcm_cpu_patch``: our patch-block path (``path="patch"``): dense tiles with halos cut from the
+  masked-dense input by strided views, one oneDNN conv over all active tiles;
+* ``tcm_cpu_compact``: the generic engine on the compact layout (features already [N, C] with a cached
   kernel map: no gather/scatter), what the SparseTensor encoders run;
 * ``mm_same_gemm``: one at::mm of the same useful work ([N_active, k^d C] x [k^d C, C]), the
   reference rate for the GFLOP/s target (forward only);
@@ -131,7 +134,10 @@ def _provider(provider: str, x, mask, w, patch: int, backward: bool):
         call, to_dense = _spconv_forward(x, mask, w)
         return call, lambda out: (to_dense(out),)
     conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
-            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu")}[provider]
+            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
+                                                                   path="generic"),
+            "tcm_cpu_patch": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
+                                                                         path="patch")}[provider]
     if not backward:
         return (lambda: conv(x, w)), (lambda y: (y,))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -176,7 +182,7 @@ def _bench(benchmark, layer, mask_name, provider, backward):
         correct=correct, **info)
 
 
-PROVIDERS_FWD = ["dense_emulation", "tcm_cpu", "tcm_cpu_compact", "mm_same_gemm", "kernel_map",
+PROVIDERS_FWD = ["dense_emulation", "tcm_cpu", "tcm_cpu_compact", "tcm_cpu_patch", "mm_same_gemm", "kernel_map",
                  pytest.param("spconv", marks=pytest.mark.skipif(not HAS_SPCONV, reason="spconv not installed"))]
 
 
@@ -187,7 +193,7 @@ def test_submconv_2d_forward(benchmark, layer, mask_name, provider):
     _bench(benchmark, layer, mask_name, provider, backward=False)
 
 
-@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact"])  # spconv's CPU: no backward
+@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact", "tcm_cpu_patch"])  # spconv's CPU: no backward
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("layer", LAYERS_2D, ids=[l[0] for l in LAYERS_2D])
 def test_submconv_2d_forward_backward(benchmark, layer, mask_name, provider):
@@ -201,7 +207,7 @@ def test_submconv_3d_forward(benchmark, layer, mask_name, provider):
     _bench(benchmark, layer, mask_name, provider, backward=False)
 
 
-@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact"])
+@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact", "tcm_cpu_patch"])
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("layer", LAYERS_3D, ids=[l[0] for l in LAYERS_3D])
 def test_submconv_3d_forward_backward(benchmark, layer, mask_name, provider):

@@ -22,6 +22,9 @@ shape-determined number of partitions, added in order: deterministic.
 Compact layout (:func:`submanifold_conv_compact`): features [N, C] plus a
 :class:`~tcm_kernels.sparse_tensor.KernelMap` (grid, sites) run step 3 alone, with
 no gather/scatter; the masked-dense op is that engine wrapped in steps 1, 2 and 4.
+Patch-aligned masks have a second path (``path="patch"``, ``_patch_block.py`` and
+``triton/submconv_patch.py``): dense tiles with halos, one dense conv over them; ``path="auto"``
+picks it where it was measured faster (``_patch_block.prefer_patch_path``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .. import _backend
 from .._checks import check_same_device, check_tensor
 from ..reference import submconv as _ref
 from ..sparse_tensor import KernelMap, SparseTensor
+from . import _patch_block
 
 _OP = "submanifold_conv"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -127,7 +131,7 @@ torch.library.register_autograd("tcm::submconv_forward", _backward, setup_contex
 
 def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      dilation: int | tuple[int, ...] = 1, groups: int = 1, patch_size: int | None = None,
-                     backend: str | None = None, chunk_rows: int = 0) -> torch.Tensor:
+                     backend: str | None = None, chunk_rows: int = 0, path: str = "auto") -> torch.Tensor:
     """Submanifold sparse convolution on the masked-dense layout.
 
     Args:
@@ -140,12 +144,18 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
         dilation: int or one per spatial dim; padding is "same" = dilation * (k - 1) / 2.
         groups: grouped / depthwise convolution (groups = Cin).
         patch_size: hint that the mask is made of aligned p^d blocks at this scale
-            (MIM masks). Validated; the compiled engine's implicit GEMM runs the
-            same on any mask (see docs/submconv.md for why no separate path is used).
+            (MIM masks). Validated (ValueError when p does not divide S or a patch is
+            partly active); it makes the patch-block path available.
         backend: ``"reference" | "cpu" | "triton" | "cuda"``; default: the compiled engine
             on CPU tensors, the Triton implicit GEMM on CUDA tensors (``"cuda"``: CUDA kernel
             map / gathers + cuBLAS GEMMs, compile-checked only).
         chunk_rows: active rows per implicit-GEMM block (0 = sized to the L2 cache).
+        path: ``"generic"`` (implicit GEMM over the kernel map, any mask), ``"patch"``
+            (dense tiles with halos, one dense conv over all active patches; needs
+            ``patch_size``) or ``"auto"``: the patch-block path when ``patch_size`` is given
+            and :func:`tcm_kernels.ops._patch_block.prefer_patch_path` says it is the faster
+            one for (back end, d, p, kernel, groups), the generic path otherwise
+            (rule and measurements: docs/submconv.md). Ignored by ``backend="reference"``.
 
     Returns:
         [B, Cout, *S] in x's dtype, contiguous; exactly 0 at inactive sites. Equals
@@ -158,8 +168,15 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
     if patch_size is not None:
         _check_patch_alignment(mask, patch_size)
     chosen = _choose(x, backend)
+    use_patch = _patch_block.use_patch_path(path, chosen, x, weight, dil, groups, patch_size)
     if chosen == "reference":
         return _ref.submanifold_conv(x, mask, weight, bias, dilation=tuple(dil), groups=groups)
+    if use_patch and chosen == "triton":
+        from ..triton.submconv_patch import submconv_patch_triton
+
+        return submconv_patch_triton(x, mask, weight, bias, dil, groups, patch_size)
+    if use_patch:
+        return _patch_block.submconv_patch(x, mask, weight, bias, dil, groups, patch_size)
     if chosen == "triton":
         from ..triton.submconv import submconv_triton
 
