@@ -209,3 +209,27 @@ def test_ddp_two_processes_gloo(tmp_path, method):
     for k in keys:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
     assert len(_losses(tmp_path)) == 2  # rank 0 logged both steps
+
+
+def test_folder_dataset_trains_tcm_with_its_own_labels(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name in ("a", "b"):
+        volume = rng.normal(100, 20, (12, 70, 70)).astype(np.float32)
+        labels = np.zeros((12, 70, 70), np.int16)
+        labels[:, 20:50, 10:40] = 1  # the "liver" block
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "images" / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "labels" / f"{name}.nii.gz"))
+    (tmp_path / "names.txt").write_text("1 liver\n")
+    cfg = PretrainConfig(method="tcm", out_dir=str(tmp_path / "run"),
+                         **{**TINY, "dataset": str(tmp_path / "images"), "prompts": ["liver"], "steps": 2},
+                         label_dir=str(tmp_path / "labels"), label_names=str(tmp_path / "names.txt"))
+    trainer = Trainer(cfg)
+    images, saliency = trainer.stream.batch(0, 2)
+    assert images.shape == (2, 1, 64, 64) and saliency.amax() > 0.5  # the prompt found the folder's label
+    trainer.train(progress=False)
+    assert all(math.isfinite(float(loss)) for _, loss in _losses(tmp_path / "run"))
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        Trainer(PretrainConfig(method="spark", **{**TINY, "dataset": str(tmp_path / "missing")}))

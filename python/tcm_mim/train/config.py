@@ -21,7 +21,9 @@ def is_3d_encoder(name: str) -> bool:
 class PretrainConfig:
     # what to train
     method: str = "tcm"  # spark | tcm | anatomask | amlp
-    dataset: str = "chest_ct"  # an embedded dataset name, or a folder path
+    dataset: str = "chest_ct"  # an embedded dataset name, or a folder of NIfTI / DICOM / PNG (FolderDataset)
+    label_dir: str | None = None  # folder datasets: label maps with the images' names (tcm needs them)
+    label_names: str | None = None  # folder datasets: text file of "id name" lines naming the labels
     prompts: list[str] = field(default_factory=lambda: ["left lung", "heart"])  # tcm: the diagnostic text
     encoder: str = "resnet_tiny"  # see tcm_mim.models.build_encoder
     dim: int | None = None  # 2 (slices) or 3 (volumes); None: 3 for a 3-D encoder (name with "3d"), else 2

@@ -23,7 +23,7 @@ from torch import nn
 
 import tcm_kernels
 
-from ..data import load_embedded
+from ..data import EMBEDDED, FolderDataset, load_embedded
 from ..models import SparKMIM, build_encoder, set_backend
 from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
 from .config import PretrainConfig
@@ -42,7 +42,14 @@ def atomic_save(obj, path: pathlib.Path) -> None:
 
 
 def _scans(cfg: PretrainConfig, dim: int):
-    scans = load_embedded(cfg.dataset)
+    """The dataset's scans: an embedded name, or a folder read by :class:`tcm_mim.data.FolderDataset`."""
+    if cfg.dataset in EMBEDDED:
+        scans = load_embedded(cfg.dataset)
+    elif pathlib.Path(cfg.dataset).is_dir():
+        scans = FolderDataset(cfg.dataset, label_dir=cfg.label_dir, label_names=cfg.label_names,
+                              mode="3d" if dim == 3 else "2d").scans
+    else:
+        raise ValueError(f"config: dataset must be one of {EMBEDDED} or an existing folder, got {cfg.dataset!r}")
     flat = [s.name for s in scans if s.image.ndim != 3]
     if dim == 3 and flat:
         raise ValueError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
