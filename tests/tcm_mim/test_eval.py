@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -68,3 +69,14 @@ def test_report_reuses_finished_runs_only_for_the_same_config(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text()) == first
     assert eval_main([*args, "lr=0.001"]) == 0  # another config: trained and evaluated again
     assert "reused" not in capsys.readouterr().out
+
+
+def test_a_run_recorded_before_a_config_field_existed_counts_it_as_its_default():
+    from tcm_mim.eval.report import _with_defaults
+    from tcm_mim.train import PretrainConfig
+
+    cfg = dataclasses.asdict(PretrainConfig(method="spark", seed=1))
+    old = {"config": {k: v for k, v in cfg.items() if k != "amlp_ccl_weight"}, "trained": True}
+    assert _with_defaults(old) == {"config": cfg, "trained": True}
+    changed = {**cfg, "amlp_ccl_weight": 0.5}
+    assert _with_defaults(old)["config"] != changed

@@ -58,7 +58,7 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
             key = {"config": dataclasses.asdict(cfg), "trained": method != "random", "probe_steps": probe_steps,
                    "finetune_steps": finetune_steps}
             done = run_dir / "eval.json"
-            if done.exists() and json.loads(done.read_text())["key"] == key:
+            if done.exists() and _with_defaults(json.loads(done.read_text())["key"]) == key:
                 results[method].append(json.loads(done.read_text())["scores"])
                 print(f"{method} seed {seed}: reused {done}", flush=True)
                 continue
@@ -72,6 +72,13 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
             print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
     write_report(results, out, steps=steps, seeds=seeds)
     return results
+
+
+def _with_defaults(key: dict) -> dict:
+    """A recorded run key with config fields added since it was written set to their defaults (a
+    run recorded before a field existed ran with the behaviour its default keeps)."""
+    defaults = dataclasses.asdict(PretrainConfig())
+    return {**key, "config": {**{k: v for k, v in defaults.items() if k not in key["config"]}, **key["config"]}}
 
 
 def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title: str | None = None) -> pathlib.Path:
