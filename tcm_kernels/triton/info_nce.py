@@ -31,6 +31,15 @@ from ..ops.info_nce import make_backward, setup_context
 
 
 @triton.jit
+def _load_rows(PTR, idx, ok, stride, dims, dim_ok, UPCAST: tl.constexpr):
+    """Rows ``idx`` of a [rows, D] matrix as a [len(idx), BLOCK_D] tile, zero outside; fp32 if UPCAST."""
+    t = tl.load(PTR + idx[:, None] * stride + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _row_lse_kernel(
     X, Y,  # x [M, D], y [N, D], unit stride along D
     INV_T,  # pointer to the scalar 1 / temperature
@@ -43,18 +52,14 @@ def _row_lse_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
     dim_ok = dims < D
-    x = tl.load(X + rows[:, None] * stride_x + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
+    x = _load_rows(X, rows, row_ok, stride_x, dims, dim_ok, UPCAST)
     inv_t = tl.load(INV_T).to(tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            y = y.to(tl.float32)
+        y = _load_rows(Y, cols, col_ok, stride_y, dims, dim_ok, UPCAST)
         s = tl.dot(x, tl.trans(y), input_precision="ieee") * inv_t
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -79,9 +84,7 @@ def _grad_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
     dim_ok = dims < D
-    x = tl.load(X + rows[:, None] * stride_x + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
+    x = _load_rows(X, rows, row_ok, stride_x, dims, dim_ok, UPCAST)
     inv_t = tl.load(INV_T).to(tl.float32)
     if X_TERM:
         lse_x = tl.load(LSE_X + rows, mask=row_ok, other=0.0)
@@ -91,9 +94,7 @@ def _grad_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            y = y.to(tl.float32)
+        y = _load_rows(Y, cols, col_ok, stride_y, dims, dim_ok, UPCAST)
         s = tl.dot(x, tl.trans(y), input_precision="ieee") * inv_t
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if X_TERM:

@@ -61,6 +61,14 @@ def _target_stats(T, origin, n_elems, eps, D, H, W, pd, ph, pw, acc_ty: tl.const
 
 
 @triton.jit
+def _residual(P, T, off, inb, mean, rstd, acc_ty: tl.constexpr):
+    """pred - normalized target at the offsets ``off`` of one patch."""
+    p = tl.load(P + off, mask=inb, other=0).to(acc_ty)
+    t = tl.load(T + off, mask=inb, other=0).to(acc_ty)
+    return p - (t - mean) * rstd
+
+
+@triton.jit
 def _forward_kernel(P, T, OUT, eps, n_patches, image, D, H, W, pd, ph, pw, gh, gw, n_elems,
                     NORM_PIX: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)  # int64 offsets: images may exceed 2^31 elements
@@ -72,9 +80,7 @@ def _forward_kernel(P, T, OUT, eps, n_patches, image, D, H, W, pd, ph, pw, gh, g
         e = start + tl.arange(0, BLOCK)
         inb = e < n_elems
         off = _patch_offsets(e, origin, D, H, W, pd, ph, pw)
-        p = tl.load(P + off, mask=inb, other=0).to(acc_ty)
-        t = tl.load(T + off, mask=inb, other=0).to(acc_ty)
-        d = tl.where(inb, p - (t - mean) * rstd, 0.0)
+        d = tl.where(inb, _residual(P, T, off, inb, mean, rstd, acc_ty), 0.0)
         se += d * d
     tl.store(OUT + k, tl.sum(se, 0) / n_elems)
 
@@ -91,9 +97,7 @@ def _backward_kernel(G, P, T, GRAD, eps, n_patches, image, D, H, W, pd, ph, pw, 
         e = start + tl.arange(0, BLOCK)
         inb = e < n_elems
         off = _patch_offsets(e, origin, D, H, W, pd, ph, pw)
-        p = tl.load(P + off, mask=inb, other=0).to(acc_ty)
-        t = tl.load(T + off, mask=inb, other=0).to(acc_ty)
-        tl.store(GRAD + off, (w * (p - (t - mean) * rstd)).to(GRAD.dtype.element_ty), mask=inb)
+        tl.store(GRAD + off, (w * _residual(P, T, off, inb, mean, rstd, acc_ty)).to(GRAD.dtype.element_ty), mask=inb)
 
 
 def _geometry(shape: torch.Size, patch_size: list[int]):

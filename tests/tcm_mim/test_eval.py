@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -52,3 +54,17 @@ def test_report_cli_tiny(tmp_path):
                       "image_size=64", "batch_size=2", "decoder_width=16", "warmup_steps=1"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "| random |" in report and "| spark |" in report and (tmp_path / "report.png").exists()
+
+
+def test_report_reuses_finished_runs_only_for_the_same_config(tmp_path, capsys):
+    args = ["--methods", "spark", "--seeds", "0", "--steps", "1", "--probe-steps", "2", "--finetune-steps", "1",
+            "--out", str(tmp_path), "--no-progress", "image_size=64", "batch_size=2", "decoder_width=16",
+            "warmup_steps=1"]
+    assert eval_main(args) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    capsys.readouterr()
+    assert eval_main(args) == 0
+    assert "reused" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text()) == first
+    assert eval_main([*args, "lr=0.001"]) == 0  # another config: trained and evaluated again
+    assert "reused" not in capsys.readouterr().out

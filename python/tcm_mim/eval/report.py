@@ -11,6 +11,7 @@ evaluation; nothing is tuned per method.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -44,6 +45,8 @@ def _encoder_from_checkpoint(path: pathlib.Path):
 
 
 def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_steps, finetune_steps, progress=True):
+    """Pretrain and evaluate every (method, seed); a run whose ``eval.json`` records the same
+    configuration and evaluation budget is reused, so an interrupted comparison continues."""
     tasks = {"chest": chest_organ_task(), "brain": brain_lobe_task()}
     results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for method in methods:
@@ -51,11 +54,21 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
             run_dir = out / f"{method}_seed{seed}"
             base = ["method=spark" if method == "random" else f"method={method}", f"seed={seed}", f"steps={steps}",
                     f"out_dir={run_dir}", "image_every=0", *overrides]
-            trainer = Trainer(load_config(None, base))
+            cfg = load_config(None, base)
+            key = {"config": dataclasses.asdict(cfg), "trained": method != "random", "probe_steps": probe_steps,
+                   "finetune_steps": finetune_steps}
+            done = run_dir / "eval.json"
+            if done.exists() and json.loads(done.read_text())["key"] == key:
+                results[method].append(json.loads(done.read_text())["scores"])
+                print(f"{method} seed {seed}: reused {done}", flush=True)
+                continue
+            trainer = Trainer(cfg)
             if method != "random":  # random: the same architecture, initialised with the same seed, not trained
                 trainer.train(progress=progress)
             results[method].append(evaluate(trainer.model.encoder, tasks, probe_steps=probe_steps,
                                             finetune_steps=finetune_steps, seed=seed))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"key": key, "scores": results[method][-1]}, indent=1))
             print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
     write_report(results, out, steps=steps, seeds=seeds)
     return results
