@@ -14,8 +14,10 @@ statistics of a norm are plain reductions over rows:
   per-channel gradient sums. No host synchronisation.
 * instance / group norm: per (sample, channel group) over the rows of that
   sample; rows need not be sorted: per-sample sums use ``index_add`` with the batch
-  index of each row (coords[:, 0]), deterministic on CPU. Two passes (mean, then
-  the squared deviations): a large mean cannot cancel the variance.
+  index of each row (coords[:, 0]), deterministic on CPU (on CUDA it uses atomics).
+  Two passes (mean, then the squared deviations): a large mean cannot cancel the
+  variance. A hand-written backward keeps every reduction a [B, C] table, so a
+  forward is 7 passes over the rows and a backward 8; it saves x - mean only.
 * layer norm: over the channels of each row: ``torch.layer_norm`` on [N, C].
 
 Statistics are in float32 (float64 for float64 input); outputs have the dtype of
@@ -122,6 +124,76 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
+class _SegmentNorm(torch.autograd.Function):
+    """Group norm of features [N, C] per (sample, group): statistics over the rows of each sample.
+
+    Every reduction over rows is one ``index_add`` into a [B, C] table (rows in any
+    order) and every per-row factor one ``index_select`` of a [B, C] table; the rest
+    is arithmetic on those tiny tables. With xc = x - mean, rstd per (b, g), n the
+    (sample, group) count and S_b the sum over the rows of sample b:
+    y = xc * (rstd w) + b;  A = S_b(dy), Q = S_b(dy * xc) per (b, c);
+    dx = dy * rstd w - xc * rstd^3 G(w Q) / n - rstd G(w A) / n with G the sum over
+    the channels of a group; dw = sum_b rstd Q; db = sum_b A.
+    Saves xc and the [B, G] statistics only.
+    """
+
+    @staticmethod
+    def forward(ctx, features, seg, batch_size, groups, weight, bias, eps):
+        acc = _acc_dtype(features.dtype)
+        rows, c = features.shape
+        xf = features.to(acc)
+        rows_per_sample = xf.new_zeros(batch_size, 1).index_add_(0, seg, xf.new_ones(rows, 1))
+        count = (rows_per_sample * (c // groups)).clamp_min_(1)  # [B, 1]: elements of each (sample, group)
+        mean = _to_groups(_row_sum(xf, seg, batch_size), groups) / count
+        xc = xf - _from_groups(mean, c).index_select(0, seg)
+        rstd = torch.rsqrt(_to_groups(_row_sum(xc * xc, seg, batch_size), groups) / count + eps)
+        scale = _from_groups(rstd, c)  # [B, C]
+        if weight is not None:
+            scale = scale * weight.to(acc)
+        scale_rows = scale.index_select(0, seg)
+        y = xc * scale_rows if bias is None else torch.addcmul(bias.to(acc), xc, scale_rows)
+        ctx.save_for_backward(xc, seg, weight, rstd, count)
+        ctx.batch_size, ctx.groups, ctx.bias_dtype = batch_size, groups, None if bias is None else bias.dtype
+        return y.to(features.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, seg, weight, rstd, count = ctx.saved_tensors
+        b, groups, c = ctx.batch_size, ctx.groups, xc.shape[1]
+        dyf = dy.to(xc.dtype)
+        w = torch.ones(c, dtype=xc.dtype, device=xc.device) if weight is None else weight.to(xc.dtype)
+        sum_dy = _row_sum(dyf, seg, b)  # [B, C]
+        sum_dy_xc = _row_sum(dyf * xc, seg, b)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dy_scale = _from_groups(rstd, c) * w
+            x_scale = _from_groups(-rstd ** 3 * _to_groups(sum_dy_xc * w, groups) / count, c)
+            shift = _from_groups(-rstd * _to_groups(sum_dy * w, groups) / count, c)
+            dx = torch.addcmul(shift.index_select(0, seg), dyf, dy_scale.index_select(0, seg))
+            dx.addcmul_(xc, x_scale.index_select(0, seg))
+            dx = dx.to(dy.dtype)
+        if weight is not None and ctx.needs_input_grad[4]:
+            dweight = (sum_dy_xc * _from_groups(rstd, c)).sum(0).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+            dbias = sum_dy.sum(0).to(ctx.bias_dtype)
+        return dx, None, None, None, dweight, dbias, None
+
+
+def _row_sum(t: torch.Tensor, seg: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[N, C] -> [B, C]: the sum over the rows of each sample (deterministic on CPU)."""
+    return t.new_zeros(batch_size, t.shape[1]).index_add_(0, seg, t)
+
+
+def _to_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, C] -> [B, G]: the sum over the channels of each group."""
+    b, c = t.shape
+    return t if groups == c else t.reshape(b, groups, c // groups).sum(2)
+
+
+def _from_groups(t: torch.Tensor, c: int) -> torch.Tensor:
+    """[B, G] -> [B, C]: each group's value on its channels."""
+    return t if t.shape[1] == c else t.repeat_interleave(c // t.shape[1], dim=1)
+
 def compact_batch_norm(features: torch.Tensor, running_mean: torch.Tensor | None = None,
                        running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, training: bool = True, momentum: float = 0.1,
@@ -199,21 +271,7 @@ def compact_group_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_
     rows, c = features.shape
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"{op}: num_groups must be a positive int dividing C={c}, got {num_groups!r}")
-    acc = _acc_dtype(features.dtype)
-    cg = c // num_groups
-    seg = batch_index.long()
-    xf = features.to(acc).reshape(rows, num_groups, cg)
-    zeros = xf.new_zeros(batch_size, num_groups)
-    count = xf.new_zeros(batch_size).index_add_(0, seg, xf.new_ones(rows)).mul_(cg).clamp_min_(1)[:, None]
-    mean = zeros.index_add(0, seg, xf.sum(2)) / count  # [B, G]
-    xc = xf - mean.index_select(0, seg)[:, :, None]
-    rstd = torch.rsqrt(zeros.index_add(0, seg, (xc * xc).sum(2)) / count + eps)
-    y = (xc * rstd.index_select(0, seg)[:, :, None]).reshape(rows, c)
-    if weight is not None:
-        y = y * weight.to(acc)
-    if bias is not None:
-        y = y + bias.to(acc)
-    return y.to(features.dtype)
+    return _SegmentNorm.apply(features, batch_index.long(), batch_size, num_groups, weight, bias, float(eps))
 
 
 def compact_instance_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int,

@@ -242,3 +242,16 @@ def test_sync_batch_norm_two_ranks_equals_one_big_batch():
     assert_close_verbose(parts[0]["dw"] + parts[1]["dw"], full.weight.grad, atol=1e-4, rtol=1e-4, name="sync dw")
     for p in parts:
         assert_close_verbose(p["rv"], full.running_var, atol=1e-6, rtol=1e-6, name="sync running_var")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])  # group norm, and instance norm (6 groups of 1 channel)
+def test_segment_norm_gradcheck_float64(groups):
+    from tcm_kernels.ops.sparse_norm_compact import compact_group_norm
+
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    batch_index = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0, 2, 1])  # unsorted rows; sample 3 has none
+    w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, w, b: compact_group_norm(f, batch_index, 4, groups, w, b),
+                                    (feats, w, b))
