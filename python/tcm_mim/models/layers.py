@@ -52,6 +52,12 @@ def pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x: Features) -> Featur
     return x.replace_features(fn(x.features)) if isinstance(x, SparseTensor) else fn(x)
 
 
+def relu_after_norm(x: Features) -> Features:
+    """ReLU; in place on the rows of a SparseTensor coming out of a norm (nothing saves a norm's output for
+    backward, so this spares a full-size allocation per layer)."""
+    return x.replace_features(torch.relu_(x.features)) if isinstance(x, SparseTensor) else torch.relu(x)
+
+
 def add_relu(x: Features, skip: Features) -> Features:
     """relu(x + skip); the residual of a SparseTensor has the same rows (a conv keeps its input's rows)."""
     if isinstance(x, SparseTensor):
@@ -70,7 +76,7 @@ class ConvNormAct(nn.Module):
 
     def forward(self, x: Features, mask: torch.Tensor | None = None) -> Features:
         x = apply(self.norm, apply(self.conv, x, mask), mask)
-        return pointwise(torch.relu, x) if self.act else x  # relu(0) = 0: inactive sites stay 0
+        return relu_after_norm(x) if self.act else x  # relu(0) = 0: inactive sites stay 0
 
 
 class BasicBlock(nn.Module):
@@ -145,7 +151,7 @@ class Stem(nn.Module):
         x, mask = self.down(x, mask)
         if compact:
             x, mask = SparseTensor.from_dense(x, mask), None
-        return pointwise(torch.relu, apply(self.norm, x, mask)), mask
+        return relu_after_norm(apply(self.norm, x, mask)), mask
 
 
 def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
