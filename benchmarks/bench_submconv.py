@@ -5,6 +5,8 @@ Baselines, side by side per layer shape and mask:
 * ``spconv``: spconv 2.x ``SubMConv{2,3}d`` forward on the CPU (when installed), timed on its own
   SparseConvTensor (conversion excluded);
 * ``tcm_cpu``: our compiled engine (implicit GEMM over cache-sized chunks of active rows);
+* ``tcm_cpu_compact``: the same engine on the compact layout (features already [N, C] with a cached
+  kernel map: no gather/scatter), what the SparseTensor encoders run;
 * ``mm_same_gemm``: one at::mm of the same useful work ([N_active, k^d C] x [k^d C, C]), the
   reference rate for the GFLOP/s target (forward only);
 * ``kernel_map``: the kernel-map build alone (forward only).
@@ -17,6 +19,11 @@ per active output site (x3 for forward+backward), for every provider.
 Shapes: ResNet-50's four stage widths of a 224^2 image (56^2 C64 ... 7^2 C512), batch 16,
 3x3 kernels; masks of SparK (patch 32, 60 % masked) and TCM (40 % masked); 3D: 96^3, patch 16,
 C 32 and 64, batch 2. ``--benchmark-disable`` (CI) shrinks every shape to batch 1 and 1/4 the side.
+
+``sparse_downsample`` group (forward): ResNet-50's stage transitions at 224^2 (stride-2 kernel-2 conv,
+C -> C: 256 at 56^2, 512 at 28^2, 1024 at 14^2; batch 16), providers ``dense_strided`` (baseline: the
+strided conv of the masked input, SparK), ``tcm_cpu`` (space-to-depth + 1x1 submanifold conv at the
+output mask) and ``tcm_compact`` (SparseTensor in and out).
 """
 
 from __future__ import annotations
@@ -90,8 +97,36 @@ def _spconv_forward(x, mask, w):
     return call, lambda out: out.dense()
 
 
+def _grad_out(x, w):
+    return torch.randn((x.shape[0], w.shape[0], *x.shape[2:]), generator=torch.Generator().manual_seed(1))
+
+
+def _compact_provider(x, mask, w, backward: bool):
+    """Features already compact, kernel map cached (built outside the timed call, once per set of sites)."""
+    st = tcm_kernels.SparseTensor.from_dense(x, mask)
+    km = st.kernel_map()
+
+    def dense(rows):
+        return st.replace_features(rows).dense()[0]
+
+    if not backward:
+        return (lambda: tcm_kernels.submanifold_conv_compact(st.features, km, w, backend="cpu")), (lambda y: (dense(y),))
+    fg, wg = st.features.clone().requires_grad_(), w.clone().requires_grad_()
+    grad = _grad_out(x, w).movedim(1, -1)[mask[:, 0]]
+
+    def call():
+        fg.grad = wg.grad = None
+        y = tcm_kernels.submanifold_conv_compact(fg, km, wg, backend="cpu")
+        y.backward(grad)
+        return y
+
+    return call, lambda y: (dense(y.detach()), dense(fg.grad), wg.grad)
+
+
 def _provider(provider: str, x, mask, w, patch: int, backward: bool):
     """(callable, function mapping its result to (y, grads...)) for one provider."""
+    if provider == "tcm_cpu_compact":
+        return _compact_provider(x, mask, w, backward)
     if provider == "spconv":
         call, to_dense = _spconv_forward(x, mask, w)
         return call, lambda out: (to_dense(out),)
@@ -100,7 +135,7 @@ def _provider(provider: str, x, mask, w, patch: int, backward: bool):
     if not backward:
         return (lambda: conv(x, w)), (lambda y: (y,))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    grad = torch.randn((x.shape[0], w.shape[0], *x.shape[2:]), generator=torch.Generator().manual_seed(1))
+    grad = _grad_out(x, w)
 
     def call():
         xg.grad = wg.grad = None
@@ -141,7 +176,7 @@ def _bench(benchmark, layer, mask_name, provider, backward):
         correct=correct, **info)
 
 
-PROVIDERS_FWD = ["dense_emulation", "tcm_cpu", "mm_same_gemm", "kernel_map",
+PROVIDERS_FWD = ["dense_emulation", "tcm_cpu", "tcm_cpu_compact", "mm_same_gemm", "kernel_map",
                  pytest.param("spconv", marks=pytest.mark.skipif(not HAS_SPCONV, reason="spconv not installed"))]
 
 
@@ -152,7 +187,7 @@ def test_submconv_2d_forward(benchmark, layer, mask_name, provider):
     _bench(benchmark, layer, mask_name, provider, backward=False)
 
 
-@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu"])  # spconv's CPU build has no backward
+@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact"])  # spconv's CPU: no backward
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("layer", LAYERS_2D, ids=[l[0] for l in LAYERS_2D])
 def test_submconv_2d_forward_backward(benchmark, layer, mask_name, provider):
@@ -166,8 +201,45 @@ def test_submconv_3d_forward(benchmark, layer, mask_name, provider):
     _bench(benchmark, layer, mask_name, provider, backward=False)
 
 
-@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu"])
+@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact"])
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("layer", LAYERS_3D, ids=[l[0] for l in LAYERS_3D])
 def test_submconv_3d_forward_backward(benchmark, layer, mask_name, provider):
     _bench(benchmark, layer, mask_name, provider, backward=True)
+
+
+# ---- sparse_downsample: ResNet-50 stage transitions ---------------------------------------------------------
+
+# (name, channels, input side, patch at this scale, batch)
+DOWNS_2D = [("r50_d1_56", 256, 56, 8, 16), ("r50_d2_28", 512, 28, 4, 16), ("r50_d3_14", 1024, 14, 2, 16)]
+
+
+def _downsample_provider(provider: str, x, mask, w):
+    if provider == "dense_strided":
+        return lambda: ref.sparse_downsample(x, mask, w, stride=2), lambda out: out
+    if provider == "tcm_cpu":
+        return lambda: tcm_kernels.sparse_downsample(x, mask, w, stride=2), lambda out: out
+    st = tcm_kernels.SparseTensor.from_dense(x, mask)
+    return (lambda: tcm_kernels.sparse_downsample_compact(st, w, stride=2)), (lambda out: out.dense())
+
+
+@pytest.mark.parametrize("provider", ["dense_strided", "tcm_cpu", "tcm_compact"])
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("layer", DOWNS_2D, ids=[l[0] for l in DOWNS_2D])
+def test_sparse_downsample_2d_forward(benchmark, layer, mask_name, provider):
+    name, c, side, patch, batch = layer
+    if benchmark.disabled:  # CI smoke run: same code paths, small tensors
+        c, patch, batch = c // 16, max(patch // 2, 1), 1
+        side = max(side // 2 - (side // 2) % (2 * patch), 2 * patch)  # stride 2 and the patch divide it
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, c, side, side), generator=g)
+    mask = patch_mask(batch, 2, side, patch, MASKS[mask_name])
+    w = torch.randn((c, c, 2, 2), generator=g) / (4 * c) ** 0.5
+    call, to_dense = _downsample_provider(provider, x, mask, w)
+    y_ref, m_ref = ref.sparse_downsample(x, mask, w, stride=2)
+    y, m = to_dense(call())
+    correct = torch.equal(m, m_ref) and _close(y, y_ref)
+    flops = 2.0 * c * c * 4 * int(m_ref.sum())  # useful work: active output windows only
+    run(benchmark, call, group=f"sparse_downsample-{name}-{mask_name}-fwd",
+        provider=provider if correct else f"{provider} (WRONG)", baseline=provider == "dense_strided", flops=flops,
+        correct=correct, shape=list(x.shape), dtype="float32", visible=MASKS[mask_name], mode="fwd")

@@ -49,6 +49,16 @@ TORCH_LIBRARY(tcm, m) {
   m.def(
       "info_nce_lse_backward(Tensor x, Tensor y, Tensor inv_t, Tensor row_lse, Tensor col_lse, Tensor grad_row_lse, "
       "Tensor grad_col_lse, int block) -> (Tensor grad_x, Tensor grad_y, Tensor grad_inv_t)");
+  // ---- submconv compact ----
+  // The engine of submconv_forward on the compact layout: features [N, Cin] (rows in any order), grid int32
+  // [B, *S] (row of each active site or -1; it carries the geometry), sites int64 [N] (linear site of each
+  // row), -> [N, Cout] in the features' dtype (fp32 accumulation).
+  m.def(
+      "submconv_compact_forward(Tensor features, Tensor grid, Tensor sites, Tensor weight, Tensor? bias, "
+      "int[] dilation, int groups, int chunk_rows) -> Tensor");
+  m.def(
+      "submconv_compact_weight_grad(Tensor grad_out, Tensor features, Tensor grid, Tensor sites, Tensor weight, "
+      "int[] dilation, int groups, int chunk_rows) -> Tensor");
 }
 
 // The extension is loaded with `import tcm_kernels._C`; it defines no Python

@@ -7,11 +7,12 @@ from .ops.info_nce import info_nce
 from .ops.recon_loss import masked_recon_loss
 from .ops.sample_mask import MaskSample, patch_scores, sample_mask, upsample_mask
 from .ops.sparse_norm import densify, sparse_batch_norm, sparse_group_norm, sparse_instance_norm, sparse_layer_norm
-from .ops.submconv import sparse_downsample, submanifold_conv
-from .sparse_tensor import SparseTensor
+from .ops.submconv import sparse_downsample, sparse_downsample_compact, submanifold_conv, submanifold_conv_compact
+from .sparse_tensor import KernelMap, SparseTensor
 
 __version__ = "0.1.0"
 
-__all__ = ["CovarianceQueue", "MaskSample", "SparseTensor", "coral_loss", "densify", "info_nce", "masked_recon_loss",
-           "nn", "patch_scores", "sample_mask", "sparse_batch_norm", "sparse_downsample", "sparse_group_norm",
-           "sparse_instance_norm", "sparse_layer_norm", "submanifold_conv", "upsample_mask"]
+__all__ = ["CovarianceQueue", "KernelMap", "MaskSample", "SparseTensor", "coral_loss", "densify", "info_nce",
+           "masked_recon_loss", "nn", "patch_scores", "sample_mask", "sparse_batch_norm", "sparse_downsample",
+           "sparse_downsample_compact", "sparse_group_norm", "sparse_instance_norm", "sparse_layer_norm",
+           "submanifold_conv", "submanifold_conv_compact", "upsample_mask"]

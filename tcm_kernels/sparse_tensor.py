@@ -2,14 +2,56 @@
 
 Conversions to and from SparK's masked-dense layout, and to and from spconv's
 ``SparseConvTensor`` when spconv is installed. Rows are in ascending (batch, z, y, x)
-order after :meth:`SparseTensor.from_dense`, the order the compiled engine uses.
+order after :meth:`SparseTensor.from_dense`; the convolutions take rows in any order
+(order only affects cache locality).
+
+:meth:`SparseTensor.kernel_map` builds the :class:`KernelMap` of the coordinates once and
+caches it on the tensor; :meth:`SparseTensor.replace_features` carries it along, so a stack
+of submanifold convolutions (which keep coords and row order) builds it once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class KernelMap(NamedTuple):
+    """Neighbour lookup of a set of active sites, shared by every submanifold conv over them.
+
+    grid: int32 [B, *S], the row of the active site at each position, -1 elsewhere (it also
+        carries the geometry B and S).
+    sites: int64 [N], the linear index into ``grid`` of each row, so ``grid.flatten()[sites] == arange(N)``.
+    """
+
+    grid: torch.Tensor
+    sites: torch.Tensor
+
+    @classmethod
+    def from_coords(cls, coords: torch.Tensor, spatial_shape: tuple[int, ...], batch_size: int) -> KernelMap:
+        """coords int [N, 1 + d] (batch, *spatial), unique and inside the grid -> the map (any device, any row order).
+
+        Validates the coordinates (range, uniqueness): a host sync, which is why the map is built
+        once per set of sites and cached (:meth:`SparseTensor.kernel_map`).
+        """
+        op = "KernelMap.from_coords"
+        shape = (int(batch_size), *(int(s) for s in spatial_shape))
+        if coords.dim() != 2 or coords.shape[1] != len(shape):
+            raise ValueError(f"{op}: coords must be [N, {len(shape)}], got shape {tuple(coords.shape)}")
+        c = coords.long()
+        n = c.shape[0]
+        if n and (bool((c < 0).any()) or bool((c >= torch.tensor(shape, device=c.device)).any())):
+            raise ValueError(f"{op}: coords must lie in [0, {shape}) (batch, *spatial_shape), got values outside")
+        sites = c[:, 0]
+        for axis in range(1, len(shape)):
+            sites = sites * shape[axis] + c[:, axis]
+        grid = torch.full(shape, -1, dtype=torch.int32, device=coords.device)
+        grid.view(-1)[sites] = torch.arange(n, dtype=torch.int32, device=coords.device)
+        if n and int((grid >= 0).sum()) != n:
+            raise ValueError(f"{op}: coords must be unique, got {n - int((grid >= 0).sum())} duplicate rows")
+        return cls(grid, sites)
 
 
 @dataclass
@@ -34,6 +76,7 @@ class SparseTensor:
                              f"{tuple(self.coords.shape)}")
         if self.coords.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{op}: coords must be int32 or int64, got {self.coords.dtype}")
+        self._kernel_map: KernelMap | None = None  # built on first use, see kernel_map()
 
     @property
     def ndim(self) -> int:
@@ -60,7 +103,16 @@ class SparseTensor:
         return x.movedim(-1, 1), mask.unsqueeze(1)
 
     def replace_features(self, features: torch.Tensor) -> SparseTensor:
-        return SparseTensor(features, self.coords, self.spatial_shape, self.batch_size)
+        """The same sites (coords, row order, cached kernel map) with new features [N, C']."""
+        out = SparseTensor(features, self.coords, self.spatial_shape, self.batch_size)
+        out._kernel_map = self._kernel_map
+        return out
+
+    def kernel_map(self) -> KernelMap:
+        """The :class:`KernelMap` of ``coords`` (built on the first call, then cached on this tensor)."""
+        if self._kernel_map is None:
+            self._kernel_map = KernelMap.from_coords(self.coords, self.spatial_shape, self.batch_size)
+        return self._kernel_map
 
     def to_spconv(self):
         """-> ``spconv.pytorch.SparseConvTensor`` (int32 indices (batch, z, y, x), the same rows)."""

@@ -1,24 +1,22 @@
-// CPU engine of tcm::submconv_* (submanifold sparse convolution, 2-D and 3-D).
+// CPU engine of tcm::submconv_* (submanifold sparse convolution, 2-D and 3-D), both layouts.
 //
-// Working layout: the compact channels-last feature matrix X [N_active, C] (fp32,
-// whatever the input dtype: half types accumulate in fp32). Steps:
-//   1. kernel map: a dense int32 grid (row of each active site, -1 elsewhere),
-//      built by one scan of the mask;
+// One engine on the compact layout: fp32 features X [N, Cin] (rows in any order), a dense int32 grid
+// (row of each active site, -1 elsewhere) and sites int64 [N] (linear site of each row).
+//   implicit GEMM: the rows are cut into chunks of `chunk_rows`; each chunk's im2col block A [R, K*Cin/g]
+//   is gathered through the grid (zeros for missing neighbours) while it fits in cache and multiplied by
+//   the weight [K*Cin/g, Cout/g] with one at::mm per group. Chunks run in parallel (at::parallel_for), the
+//   GEMM inside a chunk single-threaded. Depthwise convolutions (Cin/g == 1) skip the GEMM: a direct loop
+//   vectorised over channels.
+// The compact ops (submconv_compact_*) call the engine directly (half inputs are upcast to fp32 rows; fp32
+// input is used in place). The masked-dense ops (submconv_forward / _weight_grad) wrap it:
+//   1. kernel map: the grid built by one scan of the mask (rows in ascending site order);
 //   2. gather X from the masked-dense input;
-//   3. implicit GEMM: the active rows are cut into chunks of `chunk_rows`; each
-//      chunk's im2col block A [R, K*Cin/g] is gathered through the grid (zeros
-//      for missing neighbours) while it fits in cache and multiplied by the
-//      weight [K*Cin/g, Cout/g] with one at::mm per group. Chunks run in parallel
-//      (at::parallel_for), the GEMM inside a chunk single-threaded;
-//   4. scatter the compact output back to the dense [B, Cout, *S] tensor (zeros
-//      at inactive sites).
-// The input gradient is the same engine applied to grad_out with the flipped,
-// in/out-transposed kernel (the neighbour relation is symmetric), so it needs
-// no atomics. The weight gradient sums A^T G over chunks in a fixed number of
-// partitions that depends only on the shapes, then adds the partitions in
-// order: deterministic for any thread count.
-// Depthwise convolutions (Cin/g == 1) skip the GEMM: a direct loop vectorised
-// over channels.
+//   3. the engine;
+//   4. scatter the compact output back to the dense [B, Cout, *S] tensor (zeros at inactive sites).
+// The input gradient is the engine applied to grad_out with the flipped, in/out-transposed kernel (the
+// neighbour relation is symmetric), so it needs no atomics. The weight gradient sums A^T G over chunks in
+// a fixed number of partitions that depends only on the shapes, then adds the partitions in order:
+// deterministic for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,8 +35,8 @@ namespace {
 constexpr int64_t kChannelBlock = 16;  // channels per task of the layout transposes: one cache line of fp32
 
 struct KernelMap {
-  at::Tensor grid;   // int32 [B * D * H * W]: row of the active site or -1
-  at::Tensor sites;  // int64 [N]: linear site index of each row, ascending
+  at::Tensor grid;   // int32 [B * D * H * W] (contiguous): row of the active site or -1
+  at::Tensor sites;  // int64 [N] (contiguous): linear site index of each row (ascending when built from a mask)
   int64_t rows() const { return sites.size(0); }
 };
 
@@ -64,7 +62,8 @@ KernelMap build_kernel_map(const at::Tensor& mask) {
 // Both layout transposes below work on one image and a block of kChannelBlock channels per task: every
 // compact row touched is one cache line, and the kChannelBlock channel planes are streamed in site order.
 
-// First row of each image (+ the total at the end): rows are sorted by site, so images are contiguous.
+// First row of each image (+ the total at the end): rows built from a mask are sorted by site, so images are
+// contiguous. Only the masked-dense gather relies on it; the engine takes rows in any order.
 std::vector<int64_t> image_row_starts(const KernelMap& km, int64_t batch, int64_t sites_per_image) {
   const int64_t* sites = km.sites.const_data_ptr<int64_t>();
   std::vector<int64_t> starts(batch + 1);
@@ -298,6 +297,22 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
   return total;
 }
 
+// fp32 copy of the optional bias [Cout] (undefined when absent).
+at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, const Problem& p) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TCM_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.cout, kOp, " bias must be [Cout=", p.cout, "], got ",
+                  bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
+// Y fp32 [N, Cout]: the engine on fp32 rows X [N, Cin].
+at::Tensor engine_forward(const Problem& p, const KernelMap& km, const at::Tensor& x32, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, int64_t chunk_rows) {
+  const at::Tensor b32 = bias_fp32(bias, p);
+  return conv_rows(p, km, x32, weight_to_gemm(weight, p), b32.defined() ? b32.const_data_ptr<float>() : nullptr,
+                   chunk_rows);
+}
+
 at::Tensor submconv_forward_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::IntArrayRef dilation, int64_t groups,
                                 int64_t chunk_rows) {
@@ -306,15 +321,7 @@ at::Tensor submconv_forward_cpu(const at::Tensor& x, const at::Tensor& mask, con
   TCM_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), kOp, " weight dtype must match x (", x.scalar_type(),
                  "), got ", weight.scalar_type());
   const KernelMap km = build_kernel_map(mask);
-  const at::Tensor xs = gather_features(x, p, km);
-  at::Tensor b32;
-  if (bias.has_value() && bias->defined()) {
-    TCM_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.cout, kOp, " bias must be [Cout=", p.cout, "], got ",
-                    bias->sizes());
-    b32 = bias->to(at::kFloat).contiguous();
-  }
-  const at::Tensor y = conv_rows(p, km, xs, weight_to_gemm(weight, p), b32.defined() ? b32.const_data_ptr<float>() : nullptr,
-                                 chunk_rows);
+  const at::Tensor y = engine_forward(p, km, gather_features(x, p, km), weight, bias, chunk_rows);
   return scatter_features(y, x, p.cout, p, km);
 }
 
@@ -332,6 +339,49 @@ at::Tensor submconv_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor
   return gemm_to_weight(weight_grad_rows(p, km, xs, gs, chunk_rows), p, weight);
 }
 
+// The engine reads features[grid[...]] and grid[sites[...]]: bound both before trusting a caller's map
+// (one pass over grid and sites; whether grid[sites[r]] == r is the caller's contract, see the Python op).
+KernelMap checked_compact_map(const at::Tensor& grid, const at::Tensor& sites) {
+  KernelMap km{grid.contiguous().reshape({-1}), sites.contiguous()};
+  const int64_t n = km.rows(), total = km.grid.numel();
+  TCM_CHECK_VALUE(n < INT32_MAX, kOp, " at most 2^31-1 rows are supported, got ", n);
+  if (n > 0) {
+    const auto [lo, hi] = at::aminmax(km.sites);
+    TCM_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < total, kOp,
+                    " sites must be linear sites in [0, B*prod(S)=", total, "), got values in [", lo.item<int64_t>(),
+                    ", ", hi.item<int64_t>(), "]");
+  }
+  if (total > 0) {
+    const int64_t top = km.grid.max().item<int64_t>();
+    TCM_CHECK_VALUE(top < n, kOp, " grid must hold rows < N=", n, " (or -1), got a max of ", top);
+  }
+  return km;
+}
+
+at::Tensor submconv_compact_forward_cpu(const at::Tensor& features, const at::Tensor& grid, const at::Tensor& sites,
+                                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                        at::IntArrayRef dilation, int64_t groups, int64_t chunk_rows) {
+  const Problem p = make_compact_problem(features, grid, sites, weight, dilation, groups);
+  TCM_CHECK_TYPE(weight.scalar_type() == features.scalar_type(), kOp, " weight dtype must match features (",
+                 features.scalar_type(), "), got ", weight.scalar_type());
+  const KernelMap km = checked_compact_map(grid, sites);
+  // fp32 contiguous features are used in place; half types are upcast once (fp32 accumulation).
+  const at::Tensor x32 = features.to(at::kFloat).contiguous();
+  return engine_forward(p, km, x32, weight, bias, chunk_rows).to(features.scalar_type());
+}
+
+at::Tensor submconv_compact_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& features,
+                                            const at::Tensor& grid, const at::Tensor& sites, const at::Tensor& weight,
+                                            at::IntArrayRef dilation, int64_t groups, int64_t chunk_rows) {
+  const Problem p = make_compact_problem(features, grid, sites, weight, dilation, groups);
+  TCM_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == features.size(0) && grad_out.size(1) == p.cout, kOp,
+                  " grad_out must be [N=", features.size(0), ", Cout=", p.cout, "], got ", grad_out.sizes());
+  const KernelMap km = checked_compact_map(grid, sites);
+  const at::Tensor x32 = features.to(at::kFloat).contiguous();
+  const at::Tensor g32 = grad_out.to(at::kFloat).contiguous();
+  return gemm_to_weight(weight_grad_rows(p, km, x32, g32, chunk_rows), p, weight);
+}
+
 // (grid int32 [B, *S], rows): exposed so tests and benchmarks can time the kernel-map build alone.
 std::tuple<at::Tensor, at::Tensor> submconv_kernel_map_cpu(const at::Tensor& mask) {
   TCM_CHECK_TYPE(mask.scalar_type() == at::kBool, kOp, " mask must be bool, got ", mask.scalar_type());
@@ -347,6 +397,8 @@ TORCH_LIBRARY_IMPL(tcm, CPU, m) {
   m.impl("submconv_forward", &submconv_forward_cpu);
   m.impl("submconv_weight_grad", &submconv_weight_grad_cpu);
   m.impl("submconv_kernel_map", &submconv_kernel_map_cpu);
+  m.impl("submconv_compact_forward", &submconv_compact_forward_cpu);
+  m.impl("submconv_compact_weight_grad", &submconv_compact_weight_grad_cpu);
 }
 
 }  // namespace submconv

@@ -1,7 +1,10 @@
 """Modules over :func:`tcm_kernels.submanifold_conv` and :func:`tcm_kernels.sparse_downsample`.
 
 Each accepts either layout and returns the same one:
-``module(x, mask)`` on masked-dense tensors, or ``module(sparse_tensor)``.
+``module(x, mask)`` on masked-dense tensors, or ``module(sparse_tensor)``. The SparseTensor
+path stays compact (no dense round trip): a submanifold conv returns the input's coords, row
+order, batch size and cached kernel map with new features; a downsample returns new coarse
+coords (sorted) with their kernel map attached.
 """
 
 from __future__ import annotations
@@ -11,18 +14,24 @@ import math
 import torch
 from torch import nn
 
-from ..ops.submconv import sparse_downsample, submanifold_conv
+from ..ops.submconv import (
+    sparse_downsample,
+    sparse_downsample_compact,
+    submanifold_conv,
+    submanifold_conv_compact,
+)
 from ..sparse_tensor import SparseTensor
 
 
-def _dense_args(op: str, x, mask):
+def _check_layout(op: str, x, mask) -> bool:
+    """True for a SparseTensor input, False for masked-dense (x, mask)."""
     if isinstance(x, SparseTensor):
         if mask is not None:
             raise ValueError(f"{op}: pass either a SparseTensor or (x, mask), got a SparseTensor and a mask")
-        return (*x.dense(), True)
+        return True
     if mask is None:
         raise ValueError(f"{op}: mask must be a bool tensor [B, 1, *S] when x is masked-dense, got None")
-    return x, mask, False
+    return False
 
 
 class _SubMConvNd(nn.Module):
@@ -50,12 +59,13 @@ class _SubMConvNd(nn.Module):
 
     def forward(self, x: torch.Tensor | SparseTensor, mask: torch.Tensor | None = None):
         """(x [B, Cin, *S], mask bool [B, 1, *S]) -> y [B, Cout, *S]; or SparseTensor -> SparseTensor."""
-        xd, m, sparse = _dense_args(type(self).__name__, x, mask)
-        y = submanifold_conv(xd, m, self.weight, self.bias, dilation=self.dilation, groups=self.groups,
-                             patch_size=self.patch_size, backend=self.backend)
-        if sparse:
-            return SparseTensor.from_dense(y, m)
-        return y
+        if _check_layout(type(self).__name__, x, mask):
+            # patch_size is a masked-dense hint; the compact engine needs none.
+            return x.replace_features(submanifold_conv_compact(x.features, x.kernel_map(), self.weight, self.bias,
+                                                               dilation=self.dilation, groups=self.groups,
+                                                               backend=self.backend))
+        return submanifold_conv(x, mask, self.weight, self.bias, dilation=self.dilation, groups=self.groups,
+                                patch_size=self.patch_size, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
@@ -86,11 +96,9 @@ class _SparseDownsampleNd(nn.Module):
 
     def forward(self, x: torch.Tensor | SparseTensor, mask: torch.Tensor | None = None):
         """(x, mask) -> (y [B, Cout, *S/stride], mask_out); or SparseTensor -> SparseTensor."""
-        xd, m, sparse = _dense_args(type(self).__name__, x, mask)
-        y, mask_out = sparse_downsample(xd, m, self.weight, self.bias, stride=self.stride)
-        if sparse:
-            return SparseTensor.from_dense(y, mask_out)
-        return y, mask_out
+        if _check_layout(type(self).__name__, x, mask):
+            return sparse_downsample_compact(x, self.weight, self.bias, stride=self.stride)
+        return sparse_downsample(x, mask, self.weight, self.bias, stride=self.stride)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, bias={self.bias is not None}"

@@ -2,8 +2,8 @@
 
 Tiles and grid
 --------------
-Compact features X [N, Cin] (rows = active sites in (b, z, y, x) order), kernel map
-``grid`` int32 [B*D*H*W] (row or -1), weight in GEMM layout Wg [G, K, Cin/G, Cout/G] fp32.
+Compact features X [N, Cin] (rows in any order), kernel map ``grid`` int32 [B, *S] (row or -1)
+and ``sites`` int64 [N] (linear site of each row), weight in GEMM layout Wg [G, K, Cin/G, Cout/G] fp32.
 One program computes a BLOCK_M x BLOCK_N tile of Y [N, Cout] for one group::
 
     for tap k in 0..K-1:                       # K = k^d kernel taps
@@ -16,6 +16,10 @@ program: no atomics, deterministic. Half inputs are upcast to fp32 and ``tl.dot`
 ``input_precision="ieee"`` (fp32 accumulation, no TF32 rounding). The input gradient is the same
 kernel run on grad_out with the flipped, in/out-transposed kernel; the weight gradient is
 K GEMMs ``X[nb_k]^T G`` through torch (deterministic).
+
+Both layouts share the launcher :func:`conv_rows` and :func:`weight_grad_rows`: the compact custom
+op ``tcm_triton::submconv_compact`` calls them on the rows as given, the masked-dense
+``tcm_triton::submconv`` gathers the active rows first and scatters the result back.
 """
 
 from __future__ import annotations
@@ -78,10 +82,10 @@ def _block(n: int, low: int = 16, high: int = 64) -> int:
 
 
 def kernel_map(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask bool [B, 1, *S] -> (grid int32 [B * prod(S)], sites int64 [N]) with torch ops (any device)."""
+    """mask bool [B, 1, *S] -> (grid int32 [B, *S], sites int64 [N]) with torch ops (any device)."""
     flat = mask.reshape(-1)
     rows = torch.cumsum(flat, 0, dtype=torch.int64) - 1
-    grid = torch.where(flat, rows, -1).to(torch.int32)
+    grid = torch.where(flat, rows, -1).to(torch.int32).reshape(mask.shape[0], *mask.shape[2:])
     return grid, flat.nonzero().squeeze(1)
 
 
@@ -93,8 +97,13 @@ def tap_offsets(kernel: tuple[int, ...], dilation: tuple[int, ...], device) -> t
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).to(torch.int32).to(device)
 
 
-def conv_rows(feats: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, spatial: tuple[int, ...],
-              weight: torch.Tensor, bias: torch.Tensor | None, dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+def _dhw(grid: torch.Tensor) -> tuple[int, int, int]:
+    """(D, H, W) of a grid [B, *S] (D = 1 in 2-D)."""
+    return (1,) * (4 - grid.dim()) + tuple(grid.shape[1:])
+
+
+def conv_rows(feats: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None, dilation: tuple[int, ...], groups: int) -> torch.Tensor:
     """Y fp32 [N, Cout] = submanifold conv of the compact rows feats [N, Cin] (launches the kernel)."""
     n, cin = feats.shape
     cout, cin_g, *kernel = weight.shape
@@ -102,7 +111,7 @@ def conv_rows(feats: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, spat
     taps = 1
     for k in kernel:
         taps *= k
-    depth, height, width = (1,) * (3 - len(spatial)) + tuple(spatial)
+    depth, height, width = _dhw(grid)
     wg = weight.float().reshape(groups, cout_g, cin_g, taps).permute(0, 3, 2, 1).contiguous()
     y = torch.empty((n, cout), device=feats.device, dtype=torch.float32)
     if n == 0:
@@ -111,10 +120,35 @@ def conv_rows(feats: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, spat
     block_m, block_n, block_k = 32, _block(cout_g), _block(cin_g, high=32)
     launch = (triton.cdiv(n, block_m), triton.cdiv(cout_g, block_n), groups)
     b32 = bias.float().contiguous() if bias is not None else y  # dummy pointer when there is no bias
-    _submconv_rows_kernel[launch](feats.contiguous(), wg, b32, y, grid, sites, offsets, n, depth, height, width, cin,
-                                  cout, cin_g, cout_g, taps, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                                  BLOCK_N=block_n, BLOCK_K=block_k)
+    _submconv_rows_kernel[launch](feats.contiguous(), wg, b32, y, grid.contiguous(), sites.contiguous(), offsets, n,
+                                  depth, height, width, cin, cout, cin_g, cout_g, taps, HAS_BIAS=bias is not None,
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
+
+
+def weight_grad_rows(feats: torch.Tensor, g: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor,
+                     weight: torch.Tensor, dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """dW [Cout, Cin/G, *k] (weight's dtype): sum over taps of X[nb_k]^T G, one GEMM per tap and group (deterministic)."""
+    feats, g = feats.float(), g.float()
+    cout, cin_g, *kernel = weight.shape
+    cout_g = cout // groups
+    d, h, w = _dhw(grid)
+    flat_grid = grid.reshape(-1)
+    zs, ys, xs = (sites // (h * w)) % d, (sites // w) % h, sites % w
+    bs = sites // (d * h * w)
+    offsets = tap_offsets(tuple(kernel), tuple(dilation), feats.device).long()
+    dw = torch.zeros((cout, cin_g, offsets.shape[0]), device=feats.device, dtype=torch.float32)
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])  # row -1 -> the zero row
+    for k, (dz, dy, dx) in enumerate(offsets.tolist()):
+        z, y, xx = zs + dz, ys + dy, xs + dx
+        inside = (z >= 0) & (z < d) & (y >= 0) & (y < h) & (xx >= 0) & (xx < w)
+        lin = ((bs * d + z.clamp(0, d - 1)) * h + y.clamp(0, h - 1)) * w + xx.clamp(0, w - 1)
+        nb = torch.where(inside, flat_grid[lin].long(), -1)
+        a = padded[nb]  # [N, Cin], zero rows for missing neighbours
+        for grp in range(groups):
+            gs = g[:, grp * cout_g:(grp + 1) * cout_g]
+            dw[grp * cout_g:(grp + 1) * cout_g, :, k] = gs.t() @ a[:, grp * cin_g:(grp + 1) * cin_g]
+    return dw.reshape(weight.shape).to(weight.dtype)
 
 
 def _compact(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -132,7 +166,7 @@ def submconv_triton(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, b
                     dilation: list[int], groups: int) -> torch.Tensor:
     """Masked-dense in and out, like tcm::submconv_forward; the rows are computed by the Triton kernel."""
     grid, sites = kernel_map(mask)
-    rows = conv_rows(_compact(x, mask), grid, sites, tuple(x.shape[2:]), weight, bias, tuple(dilation), groups)
+    rows = conv_rows(_compact(x, mask), grid, sites, weight, bias, tuple(dilation), groups)
     return _dense(rows, mask, x, weight.shape[0])
 
 
@@ -144,32 +178,38 @@ def _submconv_triton_fake(x, mask, weight, bias, dilation, groups):
 @torch.library.custom_op("tcm_triton::submconv_weight_grad", mutates_args=())
 def submconv_weight_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                                 dilation: list[int], groups: int) -> torch.Tensor:
-    """dW [Cout, Cin/G, *k]: sum over taps of X[nb_k]^T G, one GEMM per tap and group (deterministic)."""
+    """dW [Cout, Cin/G, *k] of the masked-dense layout (gathers the active rows, then :func:`weight_grad_rows`)."""
     grid, sites = kernel_map(mask)
-    feats, g = _compact(x, mask).float(), _compact(grad_out, mask).float()
-    cout, cin_g, *kernel = weight.shape
-    cout_g = cout // groups
-    spatial = (1,) * (3 - len(x.shape[2:])) + tuple(x.shape[2:])
-    d, h, w = spatial
-    zs, ys, xs = (sites // (h * w)) % d, (sites // w) % h, sites % w
-    bs = sites // (d * h * w)
-    offsets = tap_offsets(tuple(kernel), tuple(dilation), x.device).long()
-    dw = torch.zeros((cout, cin_g, offsets.shape[0]), device=x.device, dtype=torch.float32)
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])  # row -1 -> the zero row
-    for k, (dz, dy, dx) in enumerate(offsets.tolist()):
-        z, y, xx = zs + dz, ys + dy, xs + dx
-        inside = (z >= 0) & (z < d) & (y >= 0) & (y < h) & (xx >= 0) & (xx < w)
-        lin = ((bs * d + z.clamp(0, d - 1)) * h + y.clamp(0, h - 1)) * w + xx.clamp(0, w - 1)
-        nb = torch.where(inside, grid[lin].long(), -1)
-        a = padded[nb]  # [N, Cin], zero rows for missing neighbours
-        for grp in range(groups):
-            gs = g[:, grp * cout_g:(grp + 1) * cout_g]
-            dw[grp * cout_g:(grp + 1) * cout_g, :, k] = gs.t() @ a[:, grp * cin_g:(grp + 1) * cin_g]
-    return dw.reshape(weight.shape).to(weight.dtype)
+    return weight_grad_rows(_compact(x, mask), _compact(grad_out, mask), grid, sites, weight, tuple(dilation), groups)
 
 
 @submconv_weight_grad_triton.register_fake
 def _weight_grad_fake(grad_out, x, mask, weight, dilation, groups):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("tcm_triton::submconv_compact", mutates_args=())
+def submconv_compact_triton(features: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, dilation: list[int], groups: int) -> torch.Tensor:
+    """Compact rows in and out, like tcm::submconv_compact_forward: [N, Cin] -> [N, Cout] in features' dtype."""
+    return conv_rows(features, grid, sites, weight, bias, tuple(dilation), groups).to(features.dtype)
+
+
+@submconv_compact_triton.register_fake
+def _submconv_compact_fake(features, grid, sites, weight, bias, dilation, groups):
+    return features.new_empty((features.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("tcm_triton::submconv_compact_weight_grad", mutates_args=())
+def submconv_compact_weight_grad_triton(grad_out: torch.Tensor, features: torch.Tensor, grid: torch.Tensor,
+                                        sites: torch.Tensor, weight: torch.Tensor, dilation: list[int],
+                                        groups: int) -> torch.Tensor:
+    """dW [Cout, Cin/G, *k] of the compact layout."""
+    return weight_grad_rows(features, grad_out, grid, sites, weight, tuple(dilation), groups)
+
+
+@submconv_compact_weight_grad_triton.register_fake
+def _compact_weight_grad_fake(grad_out, features, grid, sites, weight, dilation, groups):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -197,3 +237,30 @@ def _backward(ctx, grad_out):
 
 
 submconv_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compact_setup_context(ctx, inputs, output):
+    features, grid, sites, weight, bias, dilation, groups = inputs
+    ctx.save_for_backward(features, grid, sites, weight)
+    ctx.has_bias = bias is not None
+    ctx.conf = (list(dilation), groups)
+
+
+def _compact_backward(ctx, grad_out):
+    from ..ops.submconv import transposed_kernel
+
+    features, grid, sites, weight = ctx.saved_tensors
+    dilation, groups = ctx.conf
+    grad_out = grad_out.contiguous()
+    grad_f = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_f = submconv_compact_triton(grad_out, grid, sites, transposed_kernel(weight, groups), None, dilation,
+                                         groups)
+    if ctx.needs_input_grad[3]:
+        grad_w = submconv_compact_weight_grad_triton(grad_out, features, grid, sites, weight, dilation, groups)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_b = grad_out.float().sum(0).to(grad_out.dtype)
+    return grad_f, None, None, grad_w, grad_b, None, None
+
+
+submconv_compact_triton.register_autograd(_compact_backward, setup_context=_compact_setup_context)
