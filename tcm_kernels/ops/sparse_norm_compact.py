@@ -145,13 +145,14 @@ class _SegmentNorm(torch.autograd.Function):
         rows_per_sample = xf.new_zeros(batch_size, 1).index_add_(0, seg, xf.new_ones(rows, 1))
         count = (rows_per_sample * (c // groups)).clamp_min_(1)  # [B, 1]: elements of each (sample, group)
         mean = _to_groups(_row_sum(xf, seg, batch_size), groups) / count
-        xc = xf - _from_groups(mean, c).index_select(0, seg)
+        xc = _from_groups(-mean, c).index_select(0, seg).add_(xf)  # in the gathered buffer: one allocation
         rstd = torch.rsqrt(_to_groups(_row_sum(xc * xc, seg, batch_size), groups) / count + eps)
         scale = _from_groups(rstd, c)  # [B, C]
         if weight is not None:
             scale = scale * weight.to(acc)
-        scale_rows = scale.index_select(0, seg)
-        y = xc * scale_rows if bias is None else torch.addcmul(bias.to(acc), xc, scale_rows)
+        y = scale.index_select(0, seg).mul_(xc)
+        if bias is not None:
+            y += bias.to(acc)
         ctx.save_for_backward(xc, seg, weight, rstd, count)
         ctx.batch_size, ctx.groups, ctx.bias_dtype = batch_size, groups, None if bias is None else bias.dtype
         return y.to(features.dtype)
@@ -169,7 +170,7 @@ class _SegmentNorm(torch.autograd.Function):
             dy_scale = _from_groups(rstd, c) * w
             x_scale = _from_groups(-rstd ** 3 * _to_groups(sum_dy_xc * w, groups) / count, c)
             shift = _from_groups(-rstd * _to_groups(sum_dy * w, groups) / count, c)
-            dx = torch.addcmul(shift.index_select(0, seg), dyf, dy_scale.index_select(0, seg))
+            dx = shift.index_select(0, seg).addcmul_(dyf, dy_scale.index_select(0, seg))
             dx.addcmul_(xc, x_scale.index_select(0, seg))
             dx = dx.to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[4]:
