@@ -269,7 +269,7 @@ def compact_group_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_
     op = "compact_group_norm"
     _check_features(op, features, weight, bias)
     _check_batch_index(op, features, batch_index, batch_size)
-    rows, c = features.shape
+    c = features.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"{op}: num_groups must be a positive int dividing C={c}, got {num_groups!r}")
     return _SegmentNorm.apply(features, batch_index.long(), batch_size, num_groups, weight, bias, float(eps))

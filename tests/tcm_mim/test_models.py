@@ -227,7 +227,7 @@ def test_compact_layout_equals_masked_dense_layout(name, dim, size, cin, norm):
     for i, ((fc, mc), (fr, mr)) in enumerate(zip(feats_c, feats_r)):
         assert torch.equal(mc, mr), f"stage {i} mask"
         assert (fc[~mc.expand_as(fc)] == 0).all(), f"stage {i}: inactive sites must be 0"
-        torch.testing.assert_close(fc, fr, atol=2e-4, rtol=2e-4, msg=lambda m: f"stage {i}: {m}")
+        torch.testing.assert_close(fc, fr, atol=2e-4, rtol=2e-4, msg=lambda m, i=i: f"stage {i}: {m}")
     torch.testing.assert_close(dx_c, dx_r, atol=2e-4, rtol=2e-4)
     ref_params = dict(ref.named_parameters())
     # Parameter gradients sum over all sites in different orders (GEMMs over rows vs dense convs); an element
@@ -236,7 +236,7 @@ def test_compact_layout_equals_masked_dense_layout(name, dim, size, cin, norm):
     scale = max(p_.grad.abs().max().item() for p_ in ref.parameters())
     for pname, p_ in enc.named_parameters():
         torch.testing.assert_close(p_.grad, ref_params[pname].grad, atol=1e-4 * scale, rtol=5e-3,
-                                   msg=lambda m: f"{pname}: {m}")
+                                   msg=lambda m, pname=pname: f"{pname}: {m}")
     ref_buffers = dict(ref.named_buffers())
     for bname, b_ in enc.named_buffers():
-        torch.testing.assert_close(b_, ref_buffers[bname], atol=1e-5, rtol=1e-5, msg=lambda m: f"{bname}: {m}")
+        torch.testing.assert_close(b_, ref_buffers[bname], atol=1e-5, rtol=1e-5, msg=lambda m, bname=bname: f"{bname}: {m}")
