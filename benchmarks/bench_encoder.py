@@ -3,7 +3,8 @@
 The baseline is what SparK and AnatoMask run today: the identical model (same weights,
 same mask) with every layer on its ``backend="reference"`` path, i.e. dense conv of the
 masked input with the mask re-applied, and masked-dense norms. Ours: the default back
-end (compiled CPU kernels). Work compared: encoder forward on the masked image, sum of
+end: every stage on the compact layout (SparseTensor rows, docs/encoders.md) with the
+compiled CPU kernels. Work compared: encoder forward on the masked image, sum of
 the multi-scale features, backward.
 
 Shapes (issue #5): ResNet-50 at 224^2, batch 16, 40 % and 60 % visible (SparK patch 32);

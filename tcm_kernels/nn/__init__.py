@@ -1,7 +1,7 @@
 """Modules of tcm_kernels: submanifold convolution, sparse downsampling and sparse normalizations.
 
-Every module takes masked-dense (x [B, C, *S], mask bool [B, 1, *S]); the convolution
-modules also accept a :class:`tcm_kernels.SparseTensor` and return the same layout.
+Every module takes masked-dense (x [B, C, *S], mask bool [B, 1, *S]) or a compact
+:class:`tcm_kernels.SparseTensor` and returns the same layout.
 """
 
 from .sparse_conv import SparseDownsample2d, SparseDownsample3d, SubMConv2d, SubMConv3d

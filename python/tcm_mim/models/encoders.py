@@ -3,6 +3,17 @@
 forward(x, mask) -> [(features_i, mask_i)] per stage, features masked-dense
 [B, C_i, *S / stride_i], mask_i bool [B, 1, *S / stride_i]. ``downsample_ratio`` is
 the stride of the last stage: the patch size of the MIM mask at image level.
+
+Inside, the stages run on one of two layouts (same numbers, tested):
+
+* compact (default): after the stem and after every downsample the features are a
+  :class:`tcm_kernels.SparseTensor` (rows = active sites only); convs, norms, ReLU /
+  GELU and residual adds touch those rows only, and each stage's output is scattered
+  back to masked-dense once.
+* masked-dense, when the encoder's ``backend`` is ``"reference"`` (set by
+  :func:`tcm_mim.models.set_backend`): every layer works on x [B, C, *S] with the
+  mask, SparK's dense emulation and the baseline of the benchmarks. Also when a layer
+  was swapped for one that takes only (x, mask) (the dense export, test emulations).
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layers import BasicBlock, Bottleneck, ConvNeXtBlock, Stem, make_down, make_norm
+import tcm_kernels.nn as tnn
+
+from .layers import BasicBlock, Bottleneck, ConvNeXtBlock, ConvNormAct, Stem, apply, make_down, make_norm
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
@@ -27,20 +40,30 @@ class _StagedEncoder(nn.Module):
     def __init__(self, stem_stride: int):
         super().__init__()
         self.stem_stride = stem_stride
+        self.backend: str | None = None  # "reference": masked-dense layout throughout (see the module docstring)
 
     @property
     def downsample_ratio(self) -> int:
         return self.stem_stride * 2 ** (len(self.stages) - 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        x, mask = self.stem(x, mask)
+    def runs_compact(self) -> bool:
+        """Whether forward runs the stages on the compact layout."""
+        return self.backend != "reference" and all(isinstance(m, _COMPACT_READY) for m in self.modules())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, C_in, *S] with inactive sites 0, mask bool [B, 1, *S] -> [(features_i, mask_i)] per stage."""
+        compact = mask is not None and self.runs_compact()
+        x, mask = self.stem(x, mask, compact=compact)
         out = []
         for i, stage in enumerate(self.stages):
             if i > 0:
-                x, mask = self.downs[i - 1](x, mask)
+                if compact:
+                    x = self.downs[i - 1](x)  # a new SparseTensor on the coarser grid
+                else:
+                    x, mask = self.downs[i - 1](x, mask)
             for block in stage:
                 x = block(x, mask)
-            out.append((x, mask))
+            out.append(x.dense() if compact else (x, mask))
         return out
 
 
@@ -87,8 +110,9 @@ class _NormDown(nn.Module):
         self.norm = make_norm(norm, cin, dim)
         self.down = make_down(cin, cout, 2, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.down(self.norm(x, mask), mask)
+    def forward(self, x, mask: torch.Tensor | None = None):
+        """(x, mask) -> (y, mask_out) masked-dense; or SparseTensor -> SparseTensor."""
+        return apply(self.down, apply(self.norm, x, mask), mask)
 
 
 class SparseConvNeXt(_StagedEncoder):
@@ -103,6 +127,12 @@ class SparseConvNeXt(_StagedEncoder):
             nn.ModuleList(ConvNeXtBlock(w, w, dim, "layer", kernel) for _ in range(d)) for d, w in zip(depths, widths))
         self.channels = list(widths)
 
+
+# Modules that take a SparseTensor: the encoder's own blocks and tcm_kernels' layers.
+_COMPACT_READY = (_StagedEncoder, nn.ModuleList, Stem, _NormDown, ConvNormAct, BasicBlock, Bottleneck, ConvNeXtBlock,
+                  tnn.SubMConv2d, tnn.SubMConv3d, tnn.SparseDownsample2d, tnn.SparseDownsample3d,
+                  tnn.SparseBatchNorm2d, tnn.SparseBatchNorm3d, tnn.SparseSyncBatchNorm, tnn.SparseInstanceNorm2d,
+                  tnn.SparseInstanceNorm3d, tnn.SparseGroupNorm, tnn.SparseLayerNorm)
 
 _CONFIGS = {
     "resnet18": dict(block="basic", depths=(2, 2, 2, 2), widths=(64, 128, 256, 512)),

@@ -1,17 +1,24 @@
-"""Building blocks of the sparse encoders: every layer takes and returns (x, mask).
+"""Building blocks of the sparse encoders, on either layout.
 
-x is masked-dense [B, C, *S] (exactly 0 where mask is False), mask bool [B, 1, *S].
-The layers are thin: the work is in tcm_kernels (submanifold conv, sparse
-downsample, sparse norms); each layer keeps the parameters a dense twin would have,
-so :func:`tcm_mim.models.export_dense` can copy them into plain torch layers.
+``block(x, mask)``: x masked-dense [B, C, *S] (exactly 0 where mask is False), mask
+bool [B, 1, *S]. ``block(st)``: a compact :class:`tcm_kernels.SparseTensor`, whose
+convs and norms keep its rows, so activations and residual adds act on the feature
+rows only. The layers are thin: the work is in tcm_kernels (submanifold conv,
+sparse downsample, sparse norms); each layer keeps the parameters a dense twin would
+have, so :func:`tcm_mim.models.export_dense` can copy them into plain torch layers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import tcm_kernels.nn as tnn
+from tcm_kernels import SparseTensor
+
+Features = torch.Tensor | SparseTensor
 
 NORMS = ("batch", "instance", "layer")
 
@@ -35,6 +42,29 @@ def make_down(cin: int, cout: int, stride: int, dim: int) -> nn.Module:
     return (tnn.SparseDownsample2d if dim == 2 else tnn.SparseDownsample3d)(cin, cout, stride)
 
 
+def apply(layer: nn.Module, x: Features, mask: torch.Tensor | None) -> Features:
+    """``layer`` on either layout: layer(x, mask) when masked-dense, layer(x) for a SparseTensor (mask None)."""
+    return layer(x) if mask is None else layer(x, mask)
+
+
+def pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x: Features) -> Features:
+    """A site-wise function with fn(0) = 0 (ReLU, GELU): on the feature rows of a SparseTensor, else on x."""
+    return x.replace_features(fn(x.features)) if isinstance(x, SparseTensor) else fn(x)
+
+
+def relu_after_norm(x: Features) -> Features:
+    """ReLU; in place on the rows of a SparseTensor coming out of a norm (nothing saves a norm's output for
+    backward, so this spares a full-size allocation per layer)."""
+    return x.replace_features(torch.relu_(x.features)) if isinstance(x, SparseTensor) else torch.relu(x)
+
+
+def add_relu(x: Features, skip: Features) -> Features:
+    """relu(x + skip); the residual of a SparseTensor has the same rows (a conv keeps its input's rows)."""
+    if isinstance(x, SparseTensor):
+        return x.replace_features(torch.relu_(x.features + skip.features))  # add's backward needs no output
+    return torch.relu(x + skip)
+
+
 class ConvNormAct(nn.Module):
     """submanifold conv -> sparse norm -> ReLU (optional)."""
 
@@ -44,9 +74,9 @@ class ConvNormAct(nn.Module):
         self.norm = make_norm(norm, cout, dim)
         self.act = act
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv(x, mask), mask)
-        return torch.relu(x) if self.act else x  # relu(0) = 0: inactive sites stay 0
+    def forward(self, x: Features, mask: torch.Tensor | None = None) -> Features:
+        x = apply(self.norm, apply(self.conv, x, mask), mask)
+        return relu_after_norm(x) if self.act else x  # relu(0) = 0: inactive sites stay 0
 
 
 class BasicBlock(nn.Module):
@@ -61,9 +91,9 @@ class BasicBlock(nn.Module):
         self.b = ConvNormAct(width, cout, 3, dim, norm, act=False)
         self.shortcut = None if cin == cout else ConvNormAct(cin, cout, 1, dim, norm, act=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Features, mask: torch.Tensor | None = None) -> Features:
         skip = x if self.shortcut is None else self.shortcut(x, mask)
-        return torch.relu(self.b(self.a(x, mask), mask) + skip)
+        return add_relu(self.b(self.a(x, mask), mask), skip)
 
 
 class Bottleneck(nn.Module):
@@ -79,9 +109,9 @@ class Bottleneck(nn.Module):
         self.c = ConvNormAct(width, cout, 1, dim, norm, act=False)
         self.shortcut = None if cin == cout else ConvNormAct(cin, cout, 1, dim, norm, act=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Features, mask: torch.Tensor | None = None) -> Features:
         skip = x if self.shortcut is None else self.shortcut(x, mask)
-        return torch.relu(self.c(self.b(self.a(x, mask), mask), mask) + skip)
+        return add_relu(self.c(self.b(self.a(x, mask), mask), mask), skip)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -98,23 +128,30 @@ class ConvNeXtBlock(nn.Module):
         self.fc1 = make_conv(width, 4 * width, 1, dim, bias=True)
         self.fc2 = make_conv(4 * width, width, 1, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        y = self.norm(self.dw(x, mask), mask)
-        y = self.fc2(nn.functional.gelu(self.fc1(y, mask)), mask)  # gelu(0) = 0
-        return x + y
+    def forward(self, x: Features, mask: torch.Tensor | None = None) -> Features:
+        y = apply(self.norm, apply(self.dw, x, mask), mask)
+        y = apply(self.fc2, pointwise(nn.functional.gelu, apply(self.fc1, y, mask)), mask)  # gelu(0) = 0
+        return x.replace_features(x.features + y.features) if isinstance(x, SparseTensor) else x + y
 
 
 class Stem(nn.Module):
-    """Patchify stem: sparse downsample by ``stride`` (kernel = stride), then a norm."""
+    """Patchify stem: sparse downsample by ``stride`` (kernel = stride), then a norm and ReLU.
+
+    The image comes masked-dense; ``compact=True`` turns the downsampled features into
+    a SparseTensor (the encoder's first stage runs on it) and returns it with mask None.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int, dim: int, norm: str):
         super().__init__()
         self.down = make_down(cin, cout, stride, dim)
         self.norm = make_norm(norm, cout, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                compact: bool = False) -> tuple[Features, torch.Tensor | None]:
         x, mask = self.down(x, mask)
-        return torch.relu(self.norm(x, mask)), mask
+        if compact:
+            x, mask = SparseTensor.from_dense(x, mask), None
+        return relu_after_norm(apply(self.norm, x, mask)), mask
 
 
 def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

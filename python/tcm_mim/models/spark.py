@@ -18,7 +18,12 @@ from .layers import masked
 
 
 def set_backend(model: nn.Module, backend: str | None) -> nn.Module:
-    """Run every tcm_kernels layer of ``model`` on ``backend`` ("reference" = the dense emulation)."""
+    """Run every tcm_kernels layer of ``model`` on ``backend``.
+
+    ``"reference"`` is SparK's dense emulation: the encoder stays on the masked-dense
+    layout and every layer runs its plain-PyTorch reference. Anything else (None =
+    automatic) runs the encoder's stages on the compact layout.
+    """
     for m in model.modules():
         if hasattr(m, "backend"):
             m.backend = backend
