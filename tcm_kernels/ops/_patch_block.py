@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from ._conv_autograd import setup_conv_context
 
 _OP = "submanifold_conv"
 _CONV = {2: F.conv2d, 3: F.conv3d}
@@ -205,13 +206,6 @@ def _compiled_weight_grad(x: torch.Tensor) -> bool:
             and _backend.compiled_available("submconv_weight_grad", "cpu"))
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, weight, bias, dilation, groups, patch = inputs
-    ctx.save_for_backward(x, mask, weight)
-    ctx.has_bias = bias is not None
-    ctx.conf = (list(dilation), groups, patch)
-
-
 def _backward(ctx, grad_out):
     from .submconv import transposed_kernel
 
@@ -230,4 +224,4 @@ def _backward(ctx, grad_out):
     return grad_x, None, grad_w, grad_b, None, None, None
 
 
-submconv_patch.register_autograd(_backward, setup_context=_setup_context)
+submconv_patch.register_autograd(_backward, setup_context=setup_conv_context)

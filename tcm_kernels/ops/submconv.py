@@ -36,6 +36,7 @@ from .._checks import check_same_device, check_tensor
 from ..reference import submconv as _ref
 from ..sparse_tensor import KernelMap, SparseTensor
 from . import _patch_block
+from ._conv_autograd import setup_conv_context
 
 _OP = "submanifold_conv"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -103,13 +104,6 @@ def _kernel_map_fake(mask):
             mask.new_empty((n,), dtype=torch.int64))
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, weight, bias, dilation, groups, chunk_rows = inputs
-    ctx.save_for_backward(x, mask, weight)
-    ctx.has_bias = bias is not None
-    ctx.conf = (list(dilation), groups, chunk_rows)
-
-
 def _backward(ctx, grad_out):
     x, mask, weight = ctx.saved_tensors
     dilation, groups, chunk_rows = ctx.conf
@@ -126,7 +120,7 @@ def _backward(ctx, grad_out):
     return grad_x, None, grad_w, grad_b, None, None, None
 
 
-torch.library.register_autograd("tcm::submconv_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("tcm::submconv_forward", _backward, setup_context=setup_conv_context)
 
 
 def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

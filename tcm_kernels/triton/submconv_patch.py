@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..ops import _patch_block
 from .submconv import _block, tap_offsets
+from ..ops._conv_autograd import setup_conv_context
 
 
 @triton.jit
@@ -164,13 +165,6 @@ def _weight_grad_fake(grad_out, x, mask, weight, dilation, groups, patch):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, weight, bias, dilation, groups, patch = inputs
-    ctx.save_for_backward(x, mask, weight)
-    ctx.has_bias = bias is not None
-    ctx.conf = (list(dilation), groups, patch)
-
-
 def _backward(ctx, grad_out):
     from ..ops.submconv import transposed_kernel
 
@@ -187,4 +181,4 @@ def _backward(ctx, grad_out):
     return grad_x, None, grad_w, grad_b, None, None, None
 
 
-submconv_patch_triton.register_autograd(_backward, setup_context=_setup_context)
+submconv_patch_triton.register_autograd(_backward, setup_context=setup_conv_context)
