@@ -21,7 +21,7 @@ def is_3d_encoder(name: str) -> bool:
 class PretrainConfig:
     # what to train
     method: str = "tcm"  # spark | tcm | anatomask | amlp
-    dataset: str = "chest_ct"  # an embedded dataset name, or a folder of NIfTI / DICOM / PNG (FolderDataset)
+    dataset: str = "chest_ct"  # an embedded name, a prepared corpus (tcm-prepare), or a raw folder (prepared first)
     label_dir: str | None = None  # folder datasets: label maps with the images' names (tcm needs them)
     label_names: str | None = None  # folder datasets: text file of "id name" lines naming the labels
     prompts: list[str] = field(default_factory=lambda: ["left lung", "heart"])  # tcm: the diagnostic text
@@ -49,6 +49,8 @@ class PretrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 20
     seed: int = 0
+    num_workers: int = 2  # DataLoader worker processes building batches (0: in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
     backend: str | None = None  # "reference" runs the same model on the dense-emulation ops
     # output
     out_dir: str = "runs/pretrain"
@@ -68,6 +70,10 @@ class PretrainConfig:
                              f"(or 3) for it, or pick a 2-D encoder such as resnet_tiny")
         if not 0.0 <= self.amlp_ccl_blend <= 1.0:
             raise ValueError(f"config: amlp_ccl_blend must be in [0, 1], got {self.amlp_ccl_blend}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"config: num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:
+            raise ValueError(f"config: prefetch_factor must be an integer >= 1, got {self.prefetch_factor!r}")
         if self.amlp_ccl_weight < 0:
             raise ValueError(f"config: amlp_ccl_weight must be >= 0, got {self.amlp_ccl_weight}")
 
