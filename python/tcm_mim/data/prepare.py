@@ -318,28 +318,30 @@ def _run_task(task: _Task) -> tuple[str, dict | str, bool, list[str]]:
     """("ok", row, skipped, warnings) or ("error", message, False, [])."""
     settings, prompts, localizer = (_WORKER_STATE[k] for k in ("settings", "prompts", "localizer"))
     try:
-        digest = source_digest(task.entry, task.label_path, task.label_names, extra=f"modality={settings.modality}")
+        warnings: list[str] = []
+        label_path = task.label_path
+        if label_path is not None and not label_path.exists():
+            warnings.append(f"{task.relative}: no label map (expected {label_path}); prepared without labels")
+            label_path = None
+        digest = source_digest(task.entry, label_path, task.label_names, extra=f"modality={settings.modality}")
         scan_dir = task.out / "scans" / scan_id(task.relative)
         row = _read_meta(scan_dir)
         skipped = row is not None and row_is_complete(task.out, row, digest, settings)
         if not skipped:
             scan = read_scan(task.entry, modality=settings.modality)
-            if task.label_path is not None:
-                if not task.label_path.exists():
-                    raise FileNotFoundError(f"no label map: expected {task.label_path}")
-                label_map = np.rint(read_scan(task.label_path).image).astype(np.int64)
+            if label_path is not None:
+                label_map = np.rint(read_scan(label_path).image).astype(np.int64)
                 if label_map.shape != scan.image.shape:
-                    raise ValueError(f"label map {task.label_path} has shape {label_map.shape}, but the image has "
+                    raise ValueError(f"label map {label_path} has shape {label_map.shape}, but the image has "
                                      f"{scan.image.shape}")
                 scan = dataclasses.replace(scan, label_map=label_map,
                                            label_names=read_label_names(task.label_names, label_map))
             row = prepare_scan(scan, scan_dir, settings, source=task.relative,
-                               label_source=None if task.label_path is None else str(task.label_path),
-                               digest=digest)
-        warnings: list[str] = []
+                               label_source=None if label_path is None else str(label_path), digest=digest)
         # A label-based localizer has nothing to match on a scan without labels.
         if prompts and (row["labels"] is not None or not _label_based(localizer)):
-            row, warnings = add_saliency(task.out, row, prompts, localizer)
+            row, more = add_saliency(task.out, row, prompts, localizer)
+            warnings += more
         return "ok", row, skipped, warnings
     except Exception as err:  # noqa: BLE001 - every failure of one file is reported, and the others go on
         return "error", f"{type(err).__name__}: {err}", False, []
