@@ -233,24 +233,24 @@ def test_prepare_time_saliency_follows_the_content(raw, localizer):
     assert sal[liver].min() >= 128 and sal[~liver].max() < 128
 
 
-def test_corrupt_embedded_caches_are_rebuilt(tmp_path, monkeypatch, chest_xray):
+def test_corrupt_embedded_caches_are_rebuilt(tmp_path, monkeypatch, brain):
     monkeypatch.setenv("TCM_MIM_CACHE", str(tmp_path))
-    embedded._chest_xray.cache_clear()
+    embedded._brain_mri.cache_clear()
     try:
-        load_embedded("chest_xray")  # builds the .npz in the temporary cache
-        npz = next(tmp_path.glob("chest_xray_*.npz"))
+        load_embedded("brain_mri")  # builds the .npz in the temporary cache
+        npz = next(tmp_path.glob("brain_mri_*.npz"))
         npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # a truncated download / full disk
-        embedded._chest_xray.cache_clear()
-        rebuilt = load_embedded("chest_xray")  # no BadZipFile: detected and rebuilt
-        np.testing.assert_array_equal(rebuilt[0].image, chest_xray[0].image)
+        embedded._brain_mri.cache_clear()
+        rebuilt = load_embedded("brain_mri")[0]  # no BadZipFile: detected and rebuilt
+        np.testing.assert_array_equal(rebuilt.image, brain.image)
         with np.load(npz) as z:
-            assert int(z["count"]) == 3
-        corpus = embedded_corpus("chest_xray")  # prepared into the data cache on first use
+            np.testing.assert_array_equal(z["0_image"], brain.image)
+        corpus = embedded_corpus("brain_mri")  # prepared into the data cache on first use
         first = np.array(corpus.open(0))
         image = corpus.root / corpus.rows[0]["image"]
-        image.write_bytes(image.read_bytes()[:200])  # truncated prepared array
-        again = embedded_corpus("chest_xray")
+        image.write_bytes(image.read_bytes()[:200])  # a truncated prepared array
+        again = embedded_corpus("brain_mri")
         np.testing.assert_array_equal(again.open(0), first)
         assert str(again.root).startswith(str(tmp_path))
     finally:
-        embedded._chest_xray.cache_clear()
+        embedded._brain_mri.cache_clear()
