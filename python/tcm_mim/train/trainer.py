@@ -287,9 +287,9 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = _progress(total=cfg.steps, initial=self.step, enabled=progress and lead)
         self.model.train()
-        loader = build_loader(self.stream, cfg.batch_size, self.step, end, rank=self.rank, world=self.world,
-                              num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor)
-        batches = iter(loader)
+        # Only the iterator is kept: deleting it below stops the (persistent) worker processes.
+        batches = iter(build_loader(self.stream, cfg.batch_size, self.step, end, rank=self.rank, world=self.world,
+                                    num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor))
         try:
             while self.step < end:
                 t0 = time.perf_counter()
@@ -322,7 +322,7 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     self.save_checkpoint()
         finally:
-            del batches  # stops the loader's worker processes
+            del batches
             if f is not None:
                 f.close()
             if bar is not None:
