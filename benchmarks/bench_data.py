@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{steps * batch / (time.perf_counter() - t):.1f} crops/s | {_load()} |")
             print(rows[-1], flush=True)
         cfg = PretrainConfig(method="spark", dataset=str(corpora[large]), encoder=encoder, image_size=size,
-                             batch_size=batch, decoder_width=64 if dim == 2 else 16, steps=10 if dim == 2 else 4,
+                             batch_size=batch, decoder_width=64 if dim == 2 else 16, steps=10 if dim == 2 else 8,
                              warmup_steps=1, image_every=0, checkpoint_every=1000, num_workers=args.workers,
                              out_dir=str(args.root / f"wait_{dim}d"))
         shutil.rmtree(cfg.out_dir, ignore_errors=True)
