@@ -260,3 +260,21 @@ def test_corrupt_embedded_caches_are_rebuilt(tmp_path, monkeypatch, brain):
         assert str(again.root).startswith(str(tmp_path))
     finally:
         embedded._brain_mri.cache_clear()
+
+
+def test_embedded_corpus_falls_back_when_the_cache_is_read_only(tmp_path, monkeypatch):
+    from tcm_mim.data import corpus as corpus_mod
+
+    monkeypatch.setenv("TCM_MIM_CACHE", str(tmp_path / "cache"))
+    real = corpus_mod.prepare_scans
+
+    def read_only_cache(scans, out, **kw):
+        if str(out).startswith(str(tmp_path / "cache" / "corpora")):
+            raise PermissionError(13, "Permission denied", str(out))
+        return real(scans, out, **kw)
+
+    monkeypatch.setattr(corpus_mod, "prepare_scans", read_only_cache)
+    corpus = embedded_corpus("chest_ct", fallback=tmp_path / "run" / "corpus")
+    assert corpus.root == tmp_path / "run" / "corpus" and corpus.rows[0]["labels"] is not None
+    with pytest.raises(PermissionError):
+        embedded_corpus("chest_ct")

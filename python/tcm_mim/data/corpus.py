@@ -131,15 +131,23 @@ class PreparedCorpus:
                     {int(k): v for k, v in row["label_names"].items()})
 
 
-def embedded_corpus(name: str) -> PreparedCorpus:
+def embedded_corpus(name: str, *, fallback: str | os.PathLike | None = None) -> PreparedCorpus:
     """The embedded dataset ``name`` as a prepared corpus in the data cache (prepared on first use).
 
     Lives in ``cache_dir()/corpora/<name>_<cache version>``; a scan whose files are missing,
     truncated or from other content is prepared again (so is a corrupt ``.npz`` it is built from).
+    If the cache cannot be written (a read-only home), it is prepared into ``fallback`` instead.
     """
     from .embedded import _CACHE_VERSION, cache_dir, load_embedded
 
+    scans = load_embedded(name)
     out = cache_dir() / "corpora" / f"{name}_{_CACHE_VERSION}"
-    # prepare_scans keeps every complete scan of the same content and prepares the others again.
-    prepare_scans(load_embedded(name), out, source=f"embedded:{name}")
+    try:
+        # prepare_scans keeps every complete scan of the same content and prepares the others again.
+        prepare_scans(scans, out, source=f"embedded:{name}")
+    except PermissionError:
+        if fallback is None:
+            raise
+        out = Path(fallback)
+        prepare_scans(scans, out, source=f"embedded:{name}")
     return PreparedCorpus(out)

@@ -1,7 +1,8 @@
 """The pretraining loop shared by the four methods.
 
 Per step: a deterministic batch (``SliceStream`` of 2-D crops, ``VolumeStream`` of 3-D
-crops when the config's ``spatial_dims`` is 3), the method's patch scores and
+crops when the config's ``spatial_dims`` is 3, read from a prepared corpus by a DataLoader
+with ``num_workers`` processes), the method's patch scores and
 mask (``tcm_kernels.sample_mask`` with ``offset`` = a function of the step), the
 SparK model, the method's loss, AdamW with warm-up + cosine. Checkpoints are written
 atomically and hold everything a resumed run needs to continue exactly.
@@ -54,7 +55,7 @@ def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> Prep
     """
     def prepare() -> PreparedCorpus:
         if cfg.dataset in EMBEDDED:
-            return embedded_corpus(cfg.dataset)
+            return embedded_corpus(cfg.dataset, fallback=out / "corpus")
         if PreparedCorpus.is_corpus(cfg.dataset):
             return PreparedCorpus(cfg.dataset)
         if pathlib.Path(cfg.dataset).is_dir():
