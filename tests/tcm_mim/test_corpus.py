@@ -278,3 +278,25 @@ def test_embedded_corpus_falls_back_when_the_cache_is_read_only(tmp_path, monkey
     assert corpus.root == tmp_path / "run" / "corpus" and corpus.rows[0]["labels"] is not None
     with pytest.raises(PermissionError):
         embedded_corpus("chest_ct")
+
+
+def test_prepare_with_a_user_localizer_covers_unlabelled_scans(raw):
+    class Brightness:
+        """A stand-in for an image-based localizer (CLIPSeg): saliency from the pixels, no labels needed."""
+
+        cache_key = "brightness-v1"
+
+        def __call__(self, image, prompt, *, labels=None):
+            return torch.from_numpy((np.asarray(image) > 0.5).astype(np.float32))
+
+    report = _prepare(raw, raw / "out", prompts=["bright"], localizer=Brightness())
+    rows = {r["source"]: r for r in report.rows}
+    assert all(len(r["saliency"]) == 1 for r in rows.values())  # the PNG without labels too
+    corpus = PreparedCorpus(raw / "out")
+    i = [k for k, r in enumerate(corpus.rows) if r["source"] == "xray.png"][0]
+    sal = np.load(corpus.saliency_file(i, "bright", "brightness-v1"))
+    np.testing.assert_array_equal(sal, np.where(decode_image(np.load(corpus.root / corpus.rows[i]["image"])) > 0.5,
+                                                255, 0))
+    with pytest.raises(SystemExit) as err:  # the CLIPSeg localizer needs a local checkpoint
+        prepare_main([str(raw / "src"), str(raw / "out2"), "--prompts", "heart", "--localizer", "clipseg"])
+    assert err.value.code == 2
