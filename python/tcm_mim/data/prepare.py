@@ -307,11 +307,15 @@ class _Task:
 _WORKER_STATE: dict = {}
 
 
+def _set_state(settings: PrepareSettings, prompts: tuple[str, ...], localizer) -> None:
+    _WORKER_STATE.update(settings=settings, prompts=prompts, localizer=localizer)
+
+
 def _init_worker(settings: PrepareSettings, prompts: tuple[str, ...], localizer) -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core: threads inside would oversubscribe
-    _WORKER_STATE.update(settings=settings, prompts=prompts, localizer=localizer)
+    _set_state(settings, prompts, localizer)
 
 
 def _run_task(task: _Task) -> tuple[str, dict | str, bool, list[str]]:
@@ -399,7 +403,7 @@ def prepare_corpus(src: str | os.PathLike, out: str | os.PathLike, *, label_dir:
     bar = _progress(len(tasks), progress)
     results = []
     if workers == 1:
-        _init_worker(*init)
+        _set_state(*init)  # in this process: its thread count stays as it is
         for task in tasks:
             results.append((task, _run_task(task)))
             if bar is not None:
