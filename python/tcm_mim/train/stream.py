@@ -119,17 +119,19 @@ class SliceStream(_CropStream):
     """Random 2-D crops from a list of scans (3-D volumes give axial slices).
 
     Args:
-        scans: :class:`tcm_mim.data.Scan` list (2-D images or 3-D volumes).
+        scans: :class:`tcm_mim.data.Scan` list (2-D images or 3-D volumes, normalised here), or a
+            :class:`tcm_mim.data.PreparedCorpus` (read crop by crop through memory maps).
         size: side of the square crops.
         slice_range: (lo, hi) fractions of each volume's first axis to draw slices from;
             the evaluation uses the complementary range, so test anatomy stays unseen.
-        saliency: optional callable (scan index, prompt) -> float [*S] map of that scan.
+        saliency: Scan list: optional callable (scan index, prompt) -> float [*S] map of that scan;
+            PreparedCorpus: the ``cache_key`` of the localizer whose stored saliency to read (or None).
         prompts: prompts to draw from, one per item (used with ``saliency``).
         rotate_deg, scale: random geometry, applied to image and saliency alike.
         intensity: random intensity scale/shift/gamma of the image (not the saliency).
     """
 
-    def __init__(self, scans: Sequence[Scan], size: int, *, slice_range: tuple[float, float] = (0.0, 0.8),
+    def __init__(self, scans: Sequence[Scan] | PreparedCorpus, size: int, *, slice_range: tuple[float, float] = (0.0, 0.8),
                  saliency=None, prompts: Sequence[str] = (), rotate_deg: float = 8.0, scale: float = 0.1,
                  intensity: float = 0.1, seed: int = 0):
         # Flips are left out: a flipped left lung is a right lung to the prompt.
@@ -159,14 +161,15 @@ class VolumeStream(_CropStream):
     (one trilinear resample of image and saliency together), intensity scale/shift/gamma.
 
     Args:
-        scans: :class:`tcm_mim.data.Scan` list of 3-D volumes [D, H, W] ([S, P, L]).
+        scans: :class:`tcm_mim.data.Scan` list of 3-D volumes [D, H, W] ([S, P, L]), or a
+            :class:`tcm_mim.data.PreparedCorpus` of them.
         size: side of the cubic crops.
         slice_range, saliency, prompts, intensity, seed: as :class:`SliceStream`.
         flip_axes: volume axes that may be flipped (each with probability 1/2).
         rotate_deg, scale: axial-plane rotation and zoom; 0 and 0 skip the resample.
     """
 
-    def __init__(self, scans: Sequence[Scan], size: int, *, slice_range: tuple[float, float] = (0.0, 0.8),
+    def __init__(self, scans: Sequence[Scan] | PreparedCorpus, size: int, *, slice_range: tuple[float, float] = (0.0, 0.8),
                  saliency=None, prompts: Sequence[str] = (), flip_axes: tuple[int, ...] = (0, 1),
                  rotate_deg: float = 8.0, scale: float = 0.1, intensity: float = 0.1, seed: int = 0):
         if isinstance(scans, PreparedCorpus):
