@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import os
 import shutil
 
 import numpy as np
@@ -300,3 +301,22 @@ def test_prepare_with_a_user_localizer_covers_unlabelled_scans(raw):
     with pytest.raises(SystemExit) as err:  # the CLIPSeg localizer needs a local checkpoint
         prepare_main([str(raw / "src"), str(raw / "out2"), "--prompts", "heart", "--localizer", "clipseg"])
     assert err.value.code == 2
+
+
+class _DiesOnPhotos:
+    """A localizer whose process dies on 2-D images: a worker killed mid-scan (as by the OOM killer)."""
+
+    cache_key = "dies-on-photos"
+
+    def __call__(self, image, prompt, *, labels=None):
+        if np.asarray(image).ndim == 2:
+            os._exit(1)
+        return torch.zeros(np.asarray(image).shape)
+
+
+def test_a_dead_worker_is_reported_and_the_rest_resumes(raw):
+    report = _prepare(raw, raw / "out", workers=2, prompts=["x"], localizer=_DiesOnPhotos())
+    died = [src for src, msg in report.failures if "worker process died" in msg]
+    assert "xray.png" in died and (raw / "out" / "manifest.json").exists()
+    again = _prepare(raw, raw / "out", workers=2)
+    assert [src for src, _ in again.failures] == ["broken.nii.gz"] and len(again.rows) == 4

@@ -412,7 +412,13 @@ def prepare_corpus(src: str | os.PathLike, out: str | os.PathLike, *, label_dir:
         with concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
             futures = {pool.submit(_run_task, t): t for t in tasks}
             for future in concurrent.futures.as_completed(futures):
-                results.append((futures[future], future.result()))
+                try:
+                    result = future.result()
+                except concurrent.futures.process.BrokenProcessPool as err:
+                    # A worker was killed (out of memory on a huge volume, a crash in a reader library):
+                    # this and every unfinished scan are reported; a rerun resumes after the finished ones.
+                    result = ("error", f"a worker process died before this scan was done ({err})", False, [])
+                results.append((futures[future], result))
                 if bar is not None:
                     bar.update(1)
     if bar is not None:
