@@ -96,7 +96,8 @@ class PretrainConfig:
     encoder: str = _key("resnet_tiny", "sparse encoder (tcm_mim.models.build_encoder)", choices=ENCODERS,
                         resume=FIXED)
     dim: int | None = _key(None, "2 (slices) or 3 (volumes); null: 3 for an encoder named *3d*, else 2",
-                           choices=(None, 2, 3), resume=FIXED)
+                           allowed="2, 3 or null (inferred from the encoder)", check=lambda v: v in (2, 3),
+                           resume=FIXED)
     decoder_width: int = _key(64, "channels of the light decoder", bounds=AT_LEAST_1, resume=FIXED)
     image_size: int = _key(128, "side of the square (2-D) or cubic (3-D) crops, a multiple of the encoder's "
                                 "patch size", bounds=AT_LEAST_1)
@@ -329,6 +330,11 @@ def describe_keys() -> str:
     for name, typed, allowed, meaning in rows:
         lines.append(f"  {name:<{w0}}  {typed:<{w1}}  {meaning}" + (f" [{allowed}]" if allowed else ""))
     return "\n".join(lines)
+
+
+def keys_with_resume_rule(rule: str) -> list[str]:
+    """The keys declared with ``resume=rule`` (FREE, GROW, CHANGES or FIXED), in declaration order."""
+    return [f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", CHANGES) == rule]
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:
