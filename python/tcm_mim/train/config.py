@@ -223,6 +223,10 @@ def type_name(tp) -> str:
     return f"{name} | null" if optional else name
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -232,10 +236,10 @@ def _convert(name: str, value, tp):
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
         if optional:
             return None
-        raise ConfigError(f"config: {name} must be a {type_name(tp)}, got null")
+        raise ConfigError(f"config: {name} must be {_a(type_name(tp))}, got null")
 
     def wrong(extra: str = ""):
-        return ConfigError(f"config: {name} must be a {type_name(tp)}, got {value!r}{extra}")
+        return ConfigError(f"config: {name} must be {_a(type_name(tp))}, got {value!r}{extra}")
 
     if base is bool:
         if isinstance(value, bool):
