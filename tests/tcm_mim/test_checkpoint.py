@@ -227,3 +227,23 @@ def test_a_checkpoint_written_before_digests_still_resumes(tmp_path):
         resumed = Trainer(PretrainConfig(out_dir=str(tmp_path), **{**TINY, "steps": 2}))
         resumed.train(resume=True, progress=False)
     assert resumed.step == 2 and checkpoint.verify(tmp_path / "checkpoint.pt")
+
+
+def test_eval_loads_the_encoder_of_a_checkpoint_safely(tmp_path):
+    from tcm_mim.errors import UserError
+    from tcm_mim.eval.report import _encoder_from_checkpoint
+
+    trainer = Trainer(PretrainConfig(out_dir=str(tmp_path / "2d"), **{**TINY, "steps": 1}))
+    path = trainer.train(progress=False)
+    encoder = _encoder_from_checkpoint(path)
+    for (name, a), b in zip(encoder.state_dict().items(), trainer.model.encoder.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    state = checkpoint.load(path)
+    state["config"]["decoder_width"] = 8  # weights that do not fit the config they carry
+    checkpoint.save(state, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"odd.pt: its weights do not fit the model its config describes"):
+        _encoder_from_checkpoint(tmp_path / "odd.pt")
+    state["config"].update(decoder_width=16, encoder="resnet3d_tiny", image_size=24)
+    checkpoint.save(state, tmp_path / "3d.pt")
+    with pytest.raises(UserError, match=r"3d.pt holds a 3-D encoder \(resnet3d_tiny\); the evaluation tasks are 2-D"):
+        _encoder_from_checkpoint(tmp_path / "3d.pt")
