@@ -9,3 +9,8 @@ class UserError(ValueError):
 
     A ``ValueError`` so that library callers catching ``ValueError`` keep working.
     """
+
+
+class RunWarning(UserWarning):
+    """Something the user should know that does not stop the run (a resume without a checkpoint, a stale lock
+    taken over, a checkpoint without a digest): the command-line tools print it as ``<tool>: warning: ...``."""

@@ -94,3 +94,11 @@ def test_exit_status_of_the_installed_entry_point(tmp_path):
                             text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == "tcm-pretrain: error: config: checkpoint_every must be >= 1, got 0\n"
+
+
+def test_run_warnings_are_one_line_too(tmp_path, capsys):
+    assert pretrain_main(["--no-progress", "--resume", "method=spark", "steps=1", "image_size=64", "batch_size=2",
+                          "decoder_width=16", "image_every=0", f"out_dir={tmp_path}"]) == 0
+    err = capsys.readouterr().err
+    assert f"tcm-pretrain: warning: --resume: no checkpoint at {tmp_path / 'checkpoint.pt'}; starting a fresh run\n" \
+        in err

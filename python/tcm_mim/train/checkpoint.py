@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import UserError
+from ..errors import RunWarning, UserError
 
 DIGEST_SUFFIX = ".sha256"
 LOCK_NAME = "run.lock"
@@ -139,7 +139,7 @@ def load(path: str | pathlib.Path, *, required: tuple[str, ...] = ("model", "con
         raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     if not verify(path):
         warnings.warn(f"checkpoint {path} has no digest file {digest_path(path).name}: loaded without an "
-                      f"integrity check", stacklevel=2)
+                      f"integrity check", RunWarning, stacklevel=2)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -224,7 +224,7 @@ class RunLock:
                 if holder["host"] == me["host"] and not _pid_alive(int(holder["pid"])):
                     warnings.warn(f"taking over the stale lock {self.path} of process {holder['pid']} on "
                                   f"{holder['host']} (started {holder['started']}), which no longer runs",
-                                  stacklevel=2)
+                                  RunWarning, stacklevel=2)
                     self.path.unlink(missing_ok=True)
                     continue
                 raise RunLockedError(f"out_dir {self.path.parent} is in use by process {holder['pid']} on "

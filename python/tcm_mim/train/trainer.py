@@ -25,6 +25,7 @@ from torch import nn
 import tcm_kernels
 
 from ..data import EMBEDDED, FolderDataset, load_embedded
+from ..errors import RunWarning
 from ..models import SparKMIM, build_encoder, set_backend
 from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
 from . import checkpoint
@@ -237,7 +238,7 @@ class Trainer:
         """Load ``checkpoint.pt`` if there is one; refuse a config that changes the run unless ``apply_changes``."""
         path = self.checkpoint_path
         if not path.exists():
-            warnings.warn(f"--resume: no checkpoint at {path}; starting a fresh run", stacklevel=3)
+            warnings.warn(f"--resume: no checkpoint at {path}; starting a fresh run", RunWarning, stacklevel=3)
             return
         state = checkpoint.load(path, required=("model", "optimizer", "scheduler", "step", "config"))
         changes, fixed = resume_changes(state["config"], self.cfg, source=str(path))
