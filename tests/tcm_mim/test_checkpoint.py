@@ -247,3 +247,17 @@ def test_eval_loads_the_encoder_of_a_checkpoint_safely(tmp_path):
     checkpoint.save(state, tmp_path / "3d.pt")
     with pytest.raises(UserError, match=r"3d.pt holds a 3-D encoder \(resnet3d_tiny\); the evaluation tasks are 2-D"):
         _encoder_from_checkpoint(tmp_path / "3d.pt")
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
+    trainer = Trainer(PretrainConfig(out_dir=str(tmp_path), **TINY))
+    trainer.train(progress=False, stop_after=1)
+    good = checkpoint.load(tmp_path / "checkpoint.pt")
+    state = {**good, "model": {k: v for k, v in good["model"].items() if k != "mask_tokens.0"}}
+    checkpoint.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt does not fit this run: RuntimeError: "
+                                              r"Error\(s\) in loading state_dict .*Missing key.*mask_tokens.0"):
+        Trainer(PretrainConfig(out_dir=str(tmp_path), **TINY)).train(resume=True, progress=False)
+    checkpoint.save({k: v for k, v in good.items() if k != "torch_rng"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"does not fit this run: KeyError"):
+        Trainer(PretrainConfig(out_dir=str(tmp_path), **TINY)).train(resume=True, progress=False)

@@ -251,7 +251,11 @@ class Trainer:
                               f"pass --apply-config-changes to continue with the new values, or set them back")
         if self.cfg.steps < int(state["step"]):
             raise ConfigError(f"--resume: steps {self.cfg.steps} is below the step {state['step']} of {path}")
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as err:  # missing entries, shapes or parameter groups
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this run: {type(err).__name__}: "
+                                             f"{' '.join(str(err).split())[:400]}") from None
 
     # ------------------------------------------------------------------ loop
 
