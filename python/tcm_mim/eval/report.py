@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from ..cli.common import ArgumentParser, run
 from ..errors import UserError
 from ..models import SparKMIM, build_encoder
-from ..train import PretrainConfig, Trainer, load_config
-from ..train import checkpoint
+from ..train import PretrainConfig, Trainer, checkpoint, load_config
 from ..train.config import METHODS, config_from_dict
 from .probe import evaluate_encoder
 from .tasks import brain_lobe_task, chest_organ_task

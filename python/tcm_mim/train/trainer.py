@@ -27,8 +27,8 @@ import tcm_kernels
 from ..data import EMBEDDED, FolderDataset, load_embedded
 from ..errors import RunWarning
 from ..models import SparKMIM, build_encoder, set_backend
-from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
 from . import checkpoint
+from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
 from .config import ConfigError, PretrainConfig, resume_changes
 from .stream import SliceStream, VolumeStream
 
@@ -49,8 +49,8 @@ def _scans(cfg: PretrainConfig, dim: int):
     flat = [s.name for s in scans if s.image.ndim != 3]
     if dim == 3 and flat:
         raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
-                         f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
-                         f"2-D encoder (resnet_tiny)")
+                          f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
+                          f"2-D encoder (resnet_tiny)")
     if cfg.method == "tcm":
         scans = [s for s in scans if s.labels is not None]
         if not scans:
