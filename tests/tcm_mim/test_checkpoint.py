@@ -261,3 +261,19 @@ def test_resume_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
     checkpoint.save({k: v for k, v in good.items() if k != "torch_rng"}, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=r"does not fit this run: KeyError"):
         Trainer(PretrainConfig(out_dir=str(tmp_path), **TINY)).train(resume=True, progress=False)
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    calls = []
+    for path in [*(root / "python").rglob("*.py"), *(root / "tcm_kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", safe))
+    assert any("train/checkpoint.py" in where for where, _ in calls)  # the scan finds the loader itself
+    assert [where for where, safe in calls if not safe] == []
