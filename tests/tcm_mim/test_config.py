@@ -168,6 +168,8 @@ def test_resume_rules():
     assert resume_changes(older, same, source="ck") == ({}, [])
     with pytest.raises(ConfigError, match=r"ck has config keys \['gone'\] that this version does not know"):
         config_from_dict({**old, "gone": 1}, source="ck")
+    with pytest.raises(ConfigError, match=r"ck: its stored config is not valid: config: ema must be in \[0, 1\)"):
+        config_from_dict({**old, "ema": 5.0}, source="ck")
     rules = {FREE, GROW, CHANGES, FIXED}
     assert sum(len(keys_with_resume_rule(r)) for r in rules) == len(dataclasses.fields(PretrainConfig))
     assert keys_with_resume_rule(GROW) == ["steps"] and "lr" in keys_with_resume_rule(CHANGES)

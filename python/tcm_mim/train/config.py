@@ -390,7 +390,10 @@ def config_from_dict(stored: dict, source: str) -> PretrainConfig:
     unknown = sorted(set(stored) - names)
     if unknown:
         raise ConfigError(f"config: {source} has config keys {unknown} that this version does not know")
-    return PretrainConfig(**stored)
+    try:
+        return PretrainConfig(**stored)
+    except ConfigError as err:  # e.g. ema 5, accepted before values were validated
+        raise ConfigError(f"{source}: its stored config is not valid: {err}") from None
 
 
 def resume_changes(stored: dict, cfg: PretrainConfig, *, source: str) -> tuple[dict[str, tuple], list[str]]:
