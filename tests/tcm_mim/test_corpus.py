@@ -212,9 +212,9 @@ def test_pretrain_on_a_prepared_corpus_resumes_exactly_with_two_workers(raw, loc
     assert _losses(raw / "cut") == _losses(raw / "full") and len(_losses(raw / "full")) == 4
     assert not (raw / "full" / "corpus").exists()  # a prepared corpus is read where it is
     assert not multiprocessing.active_children()  # train() stopped its loader's workers
-    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
         PretrainConfig(num_workers=-1)
-    with pytest.raises(ValueError, match="prefetch_factor must be an integer >= 1"):
+    with pytest.raises(ValueError, match="prefetch_factor must be >= 1"):
         PretrainConfig(prefetch_factor=0)
 
 
