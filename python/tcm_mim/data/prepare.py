@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .folder import _kind, _label_path, read_label_names, read_scan
 from .geometry import resample_spacing
 from .scan import LabelMap, Scan
@@ -69,14 +70,14 @@ class PrepareSettings:
 
     def __post_init__(self) -> None:
         if self.dtype not in IMAGE_DTYPES:
-            raise ValueError(f"PrepareSettings: dtype must be one of {IMAGE_DTYPES}, got {self.dtype!r}")
+            raise UserError(f"PrepareSettings: dtype must be one of {IMAGE_DTYPES}, got {self.dtype!r}")
         if isinstance(self.window, str) and self.window not in CT_WINDOWS:
-            raise ValueError(f"PrepareSettings: window must be one of {sorted(CT_WINDOWS)} or (level, width), "
+            raise UserError(f"PrepareSettings: window must be one of {sorted(CT_WINDOWS)} or (level, width), "
                              f"got {self.window!r}")
         if self.spacing is not None:
             spacing = tuple(float(s) for s in self.spacing)
             if not spacing or len(spacing) > 3 or min(spacing) <= 0:
-                raise ValueError(f"PrepareSettings: spacing must be 1 to 3 values > 0 (mm), got {self.spacing!r}")
+                raise UserError(f"PrepareSettings: spacing must be 1 to 3 values > 0 (mm), got {self.spacing!r}")
             object.__setattr__(self, "spacing", spacing)
         if not isinstance(self.window, str):
             object.__setattr__(self, "window", tuple(float(v) for v in self.window))
@@ -381,12 +382,12 @@ def prepare_corpus(src: str | os.PathLike, out: str | os.PathLike, *, label_dir:
     src, out = Path(src), Path(out)
     settings = settings or PrepareSettings()
     if not src.is_dir():
-        raise FileNotFoundError(f"tcm-prepare: SRC {src} is not a folder")
+        raise UserError(f"tcm-prepare: SRC {src} is not a folder")
     if workers < 1:
-        raise ValueError(f"tcm-prepare: workers must be >= 1, got {workers}")
+        raise UserError(f"tcm-prepare: workers must be >= 1, got {workers}")
     entries = _entries(src)
     if not entries:
-        raise ValueError(f"tcm-prepare: no images under {src} (looked for .nii, .nii.gz, .dcm files, folders of "
+        raise UserError(f"tcm-prepare: no images under {src} (looked for .nii, .nii.gz, .dcm files, folders of "
                          ".dcm files, .png, .jpg, .jpeg)")
     if prompts and localizer is None:
         from ..localize import LabelTextLocalizer
@@ -394,7 +395,7 @@ def prepare_corpus(src: str | os.PathLike, out: str | os.PathLike, *, label_dir:
         localizer = LabelTextLocalizer()
     names_path = Path(label_names) if label_names is not None else None
     if names_path is not None and not names_path.is_file():
-        raise FileNotFoundError(f"tcm-prepare: label_names {names_path} is not a file")
+        raise UserError(f"tcm-prepare: label_names {names_path} is not a file")
     out.mkdir(parents=True, exist_ok=True)
     tasks = [_Task(e, e.relative_to(src).as_posix(), None if label_dir is None else _label_path(Path(label_dir), e),
                    names_path, out) for e in entries]
@@ -451,7 +452,7 @@ def ensure_saliency(out: str | os.PathLike, prompts: Sequence[str], localizer) -
     localizer); later runs find it stored. Rewrites the manifest; returns the warnings.
 
     Raises:
-        ValueError: a prompt got no saliency on any scan (the localizer's reasons are in the message).
+        UserError (a ValueError): a prompt got no saliency on any scan (the localizer's reasons are in the message).
     """
     out = Path(out)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -467,7 +468,7 @@ def ensure_saliency(out: str | os.PathLike, prompts: Sequence[str], localizer) -
     placed = {s["prompt"] for row in rows for s in row["saliency"] if s["localizer"] == key}
     unplaced = [p for p in prompts if p not in placed]
     if unplaced:
-        raise ValueError(f"no scan of {out} has saliency for the prompt(s) {unplaced}: " + "; ".join(warnings[:3]))
+        raise UserError(f"no scan of {out} has saliency for the prompt(s) {unplaced}: " + "; ".join(warnings[:3]))
     return warnings
 
 
@@ -526,8 +527,9 @@ def _parse_window(text: str) -> str | tuple[float, float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcm-prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli.common import ArgumentParser
+
+    p = ArgumentParser(prog="tcm-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="folder of NIfTI files, DICOM files or series folders, PNG/JPEG images")
     p.add_argument("out", help="the prepared corpus folder (an existing one is resumed)")
     p.add_argument("--label-dir", help="label maps with the images' names (NIfTI, DICOM, PNG)")
@@ -549,7 +551,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``tcm-prepare``: 0 on success, 1 if nothing was prepared (or, with --strict, any failure)."""
+    """Entry point of ``tcm-prepare``: 0 on success, 1 if nothing was prepared (or, with --strict, any
+    failure), 2 for a user error (one line on stderr)."""
+    from ..cli.common import run
+
+    return run("tcm-prepare", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -563,15 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         localizer = CLIPSegLocalizer(args.checkpoint)
     elif args.prompts and args.label_dir is None:
         parser.error("--prompts with the label localizer needs --label-dir (it matches prompts to label names)")
-    try:
-        settings = PrepareSettings(spacing=args.spacing, modality=args.modality, window=args.window,
-                                   dtype=args.dtype)
-        report = prepare_corpus(args.src, args.out, label_dir=args.label_dir, label_names=args.label_names,
-                                settings=settings, workers=args.workers, prompts=args.prompts, localizer=localizer,
-                                progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"tcm-prepare: error: {err}", file=sys.stderr)
-        return 2
+    settings = PrepareSettings(spacing=args.spacing, modality=args.modality, window=args.window, dtype=args.dtype)
+    report = prepare_corpus(args.src, args.out, label_dir=args.label_dir, label_names=args.label_names,
+                            settings=settings, workers=args.workers, prompts=args.prompts, localizer=localizer,
+                            progress=not args.no_progress)
     print(report.summary())
     if not report.rows or (args.strict and report.failures):
         return 1
