@@ -92,8 +92,17 @@ class PretrainConfig:
                                     "<out_dir>/corpus first)")
     label_dir: str | None = _key(None, "folder datasets: label maps with the images' names (tcm needs them)")
     label_names: str | None = _key(None, 'folder datasets: text file of "id name" lines naming the labels')
-    prompts: list[str] = _key(help="tcm: the diagnostic text, one saliency per prompt (non-empty for tcm)",
-                              factory=lambda: ["left lung", "heart"])
+    split: str | None = _key(None, "split manifest (JSON, tcm_mim.data.split) of the held-out test scans/blocks "
+                                   "pretraining never reads; null: embedded data use their axial-block split, a "
+                                   "folder or corpus holds out test_fraction of its scans (split_seed)", resume=FIXED)
+    test_fraction: float = _key(0.2, "share of a folder's or corpus's scans held out for evaluation (split: null)",
+                                bounds=OPEN_UNIT, resume=FIXED)
+    split_seed: int = _key(0, "seed of the held-out scans (split: null); the same for every method and seed",
+                           bounds=AT_LEAST_0, resume=FIXED)
+    # the embedded chest task scores lung, heart, liver, aorta and vertebra: TCM's guidance avoids them
+    prompts: list[str] = _key(help="tcm: the diagnostic text, one saliency per prompt (non-empty for tcm); on a "
+                                   "block-split scan none may select a class the evaluation scores",
+                              factory=lambda: ["trachea", "esophagus"])
     encoder: str = _key("resnet_tiny", "sparse encoder (tcm_mim.models.build_encoder)", choices=ENCODERS,
                         resume=FIXED)
     dim: int | None = _key(None, "2 (slices) or 3 (volumes); null: 3 for an encoder named *3d*, else 2",

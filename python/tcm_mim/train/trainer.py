@@ -28,6 +28,7 @@ import tcm_kernels
 
 from ..data import EMBEDDED, PreparedCorpus, embedded_corpus, prepare_corpus
 from ..data.prepare import ensure_saliency
+from ..data.split import SPLIT_FILE, SplitManifest, embedded_split, split_by_scan
 from ..errors import RunWarning
 from ..models import SparKMIM, build_encoder, set_backend
 from . import checkpoint
@@ -41,7 +42,7 @@ LOSS_TERMS = ("loss", "recon", "contrastive", "ccl")
 CSV_FIELDS = ("step", *LOSS_TERMS, "lr", "mask_ratio", "images_per_s")
 
 
-def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> PreparedCorpus:
+def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> tuple[PreparedCorpus, SplitManifest]:
     """The dataset as a prepared corpus, read crop by crop through memory maps.
 
     An embedded name is prepared into the data cache on first use; a prepared corpus (a folder
@@ -73,12 +74,35 @@ def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> Prep
         raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
                           f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
                           f"2-D encoder (resnet_tiny)")
+    split = split_manifest(cfg, corpus)
+    # held-out scans are dropped here; the streams refuse any read of them or of held-out blocks
+    corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["source"] not in split.test])
     if cfg.method == "tcm":
         corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["labels"] is not None])
         if not corpus.rows:
             raise ConfigError(f"config: method tcm needs scans with label maps for its prompts; dataset "
                               f"{cfg.dataset!r} has none (set label_dir for a folder dataset)")
-    return corpus
+    return corpus, split
+
+
+def split_manifest(cfg: PretrainConfig, corpus: PreparedCorpus) -> SplitManifest:
+    """The run's split manifest: the file ``cfg.split``, the embedded volume's axial-block split, or
+    ``cfg.test_fraction`` of the scans held out (``cfg.split_seed``)."""
+    if cfg.split is not None:
+        if not pathlib.Path(cfg.split).is_file():
+            raise ConfigError(f"config: split must be a split manifest file, got {cfg.split!r} (not a file)")
+        return SplitManifest.load(cfg.split)
+    if cfg.dataset in EMBEDDED:
+        labelled = [i for i, row in enumerate(corpus.rows) if row["labels"] is not None]
+        if not labelled:
+            return SplitManifest("block")
+        scan = corpus.scan(labelled[0])
+        return embedded_split(cfg.dataset, corpus.rows[labelled[0]]["source"], scan.label_map, scan.label_names)
+    if len(corpus.rows) < 2:
+        raise ConfigError(f"config: dataset {cfg.dataset!r} has {len(corpus.rows)} scan(s); a split by scan needs "
+                          f"at least 2 so that evaluation can test on a scan pretraining never read")
+    return split_by_scan([row["source"] for row in corpus.rows], test_fraction=cfg.test_fraction,
+                         seed=cfg.split_seed)
 
 
 class Trainer:
@@ -91,7 +115,9 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
-        corpus = _corpus(cfg, self.dim, self.out, self.rank)
+        corpus, self.split = _corpus(cfg, self.dim, self.out, self.rank)
+        if self.rank == 0:  # what pretraining held out, beside its checkpoint, for tcm-eval to check
+            self.split.save(self.out / SPLIT_FILE)
         self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1), dim=self.dim, in_channels=1,
                               decoder_width=cfg.decoder_width)
         set_backend(self.model, cfg.backend)
@@ -102,7 +128,8 @@ class Trainer:
         self.grid = (cfg.image_size // self.model.patch_size,) * self.dim
         saliency = self._stored_saliency(corpus) if cfg.method == "tcm" else None
         stream = VolumeStream if self.dim == 3 else SliceStream
-        self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed,
+                             split=self.split)
         self.data_wait_s = 0.0  # time train() spent waiting for batches (the loader's share of the steps)
         width = self.model.encoder.channels[-1]
         self.head = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64))
@@ -135,6 +162,12 @@ class Trainer:
         from ..localize import LabelTextLocalizer
 
         localizer = LabelTextLocalizer()
+        try:
+            self.split.check_guidance(self.cfg.prompts, {row["source"]: corpus.scan(i).labels for i, row in
+                                                         enumerate(corpus.rows) if row["source"] in self.split.blocks},
+                                      localizer)
+        except ValueError as err:
+            raise ConfigError(f"config: {err}") from None
         if self.rank == 0:
             ensure_saliency(corpus.root, self.cfg.prompts, localizer)
         if dist.is_available() and dist.is_initialized():
