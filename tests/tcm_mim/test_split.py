@@ -167,3 +167,40 @@ def test_volume_evaluation_runs_on_a_tiny_budget():
     task = VolumeTask("blobs", ("background", "cube", "ball"), vols[:2], vols[2:], (1.0, 1.0, 1.0))
     scores = evaluate_volume_task(build_encoder("resnet3d_tiny", dim=3, in_channels=1), task, roi=16, steps=2)
     assert len(scores.dice) == 2 and all(0 <= d <= 1 for d in scores.dice)
+
+
+def test_eval_on_a_labelled_folder_tests_only_scans_pretraining_never_read(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    from tcm_mim.data import PreparedCorpus
+    from tcm_mim.eval.report import dataset_splits
+    from tcm_mim.eval.report import main as eval_main
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for key, scan in _blob_scans(5).items():
+        nib.save(nib.Nifti1Image(scan.image, np.eye(4)), str(tmp_path / "images" / f"{key}.nii.gz"))
+        nib.save(nib.Nifti1Image(scan.label_map, np.eye(4)), str(tmp_path / "labels" / f"{key}.nii.gz"))
+    run = tmp_path / "run"
+    Trainer(PretrainConfig(method="spark", encoder="resnet_tiny", image_size=64, out_dir=str(run), test_fraction=0.4,
+                           label_dir=str(tmp_path / "labels"), **{**TINY, "dataset": str(tmp_path / "images")}
+                           )).train(progress=False)
+    saved = SplitManifest.load(run / "split.json")
+    assert len(saved.test) == 2 and len(saved.pretrained_on) == 3
+    corpus = PreparedCorpus(run / "corpus")
+    _, splits = dataset_splits(corpus, saved.pretrained_on, folds=2, seed=0)
+    by_key = {row["source"]: row["digest"] for row in corpus.rows}
+    assert sorted(k for _, test in splits for k in test) == sorted(saved.test)
+    for train, test in splits:
+        assert len(test) == 1 and not set(train) & set(test) and len(train) == 4
+        assert not {by_key[k] for k in test} & set(saved.pretrained_on)
+    assert eval_main(["--checkpoint", str(run / "checkpoint.pt"), "--dataset", str(run / "corpus"), "--folds", "2",
+                      "--label-fraction", "0.5", "1.0", "--seeds", "0", "--probe-steps", "1", "--finetune-steps",
+                      "1", "--size", "32", "--out", str(tmp_path / "eval")]) == 0
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| fold 0 |" in report and "| fold 1 |" in report and "finetune, labels 0.5 (Dice)" in report
+    saved.pretrained_on = sorted(by_key.values())  # a run that read every scan: nothing is unseen
+    saved.save(run / "split.json")
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(run / "checkpoint.pt"), "--dataset", str(run / "corpus"),
+                      "--out", str(tmp_path / "eval2")]) == 2
+    assert "every labelled scan of the dataset (5) was read by the checkpoint's pretraining" in capsys.readouterr().err

@@ -26,8 +26,11 @@ import statistics
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+import torch
+
 from ..cli.common import ArgumentParser, run
-from ..data import PreparedCorpus, prepare_corpus
+from ..data import PreparedCorpus, normalize_intensity, prepare_corpus
 from ..data.split import SPLIT_FILE, SplitManifest, label_subset
 from ..data.split import folds as split_folds
 from ..errors import UserError
@@ -36,39 +39,56 @@ from ..train import PretrainConfig, Trainer, checkpoint, load_config
 from ..train.config import METHODS, config_from_dict
 from .probe import evaluate_encoder
 from .tasks import brain_lobe_task, chest_organ_task, scan_task
+from .volume import VolumeTask, chest_organ_task_3d, evaluate_volume_task
 
 EVALS = (("chest organs, probe (Dice)", "chest", "probe"), ("chest organs, fine-tune (Dice)", "chest", "finetune"),
          ("brain lobes, probe (acc.)", "brain", "probe"))
 
 
-def evaluate(encoder, tasks, *, probe_steps: int, finetune_steps: int, seed: int) -> dict[str, float]:
+def evaluate(encoder, tasks, *, probe_steps: int, finetune_steps: int, seed: int, dim: int = 2,
+             roi: int = 48) -> dict[str, float]:
+    """The embedded tasks' scores: 2-D encoders on the chest and brain tasks, 3-D encoders on the chest
+    CT at 3-D (``roi``-sided patches, the pretraining crop, and sliding-window inference)."""
     out = {}
+    if dim == 3:
+        for mode in ("probe", "finetune"):
+            steps = probe_steps if mode == "probe" else finetune_steps
+            scores = evaluate_volume_task(encoder, tasks["chest3d"], roi=roi, mode=mode, steps=steps, seed=seed)
+            out[f"chest 3-D, {mode} (Dice)"] = scores.mean_dice
+            out[f"chest 3-D, {mode} (HD95 mm)"] = float(np.nanmean(scores.hd95))
+        return out
     for label, task_key, mode in EVALS:
         steps = probe_steps if mode == "probe" else finetune_steps
         out[label] = evaluate_encoder(encoder, tasks[task_key], mode=mode, steps=steps, seed=seed)
     return out
 
 
+def embedded_tasks(dim: int) -> dict:
+    """The embedded tasks a ``dim``-D encoder is evaluated on (split as pretraining on them is)."""
+    return {"chest3d": chest_organ_task_3d()} if dim == 3 else \
+        {"chest": chest_organ_task(), "brain": brain_lobe_task()}
+
+
 def _encoder_from_checkpoint(path: pathlib.Path):
-    """The pretrained sparse encoder of a tcm-pretrain checkpoint (verified, loaded with weights_only=True)."""
+    """(pretrained sparse encoder, its config) of a tcm-pretrain checkpoint (verified, weights_only=True)."""
     state = checkpoint.load(path, required=("model", "config"))
     cfg = config_from_dict(state["config"], source=str(path))
-    if cfg.spatial_dims != 2:
-        raise UserError(f"tcm-eval: {path} holds a {cfg.spatial_dims}-D encoder ({cfg.encoder}); the evaluation "
-                        f"tasks are 2-D")
-    model = SparKMIM(build_encoder(cfg.encoder, dim=2, in_channels=1), decoder_width=cfg.decoder_width)
+    dim = cfg.spatial_dims
+    model = SparKMIM(build_encoder(cfg.encoder, dim=dim, in_channels=1), dim=dim, in_channels=1,
+                     decoder_width=cfg.decoder_width)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:  # missing / unexpected keys or shapes: the file does not match its config
         raise checkpoint.CheckpointError(f"checkpoint {path}: its weights do not fit the model its config "
                                          f"describes: {str(err).splitlines()[0]}") from None
-    return model.encoder
+    return model.encoder, cfg
 
 
 def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_steps, finetune_steps, progress=True):
     """Pretrain and evaluate every (method, seed); a run whose ``eval.json`` records the same
     configuration and evaluation budget is reused, so an interrupted comparison continues."""
-    tasks = {"chest": chest_organ_task(), "brain": brain_lobe_task()}
+    dim = load_config(None, ["method=spark", *overrides]).spatial_dims
+    tasks = embedded_tasks(dim)
     results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for method in methods:
         for seed in seeds:
@@ -87,7 +107,7 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
             if method != "random":  # random: the same architecture, initialised with the same seed, not trained
                 trainer.train(progress=progress)
             results[method].append(evaluate(trainer.model.encoder, tasks, probe_steps=probe_steps,
-                                            finetune_steps=finetune_steps, seed=seed))
+                                            finetune_steps=finetune_steps, seed=seed, dim=dim, roi=cfg.image_size))
             run_dir.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps({"key": key, "scores": results[method][-1]}, indent=1))
             print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
@@ -177,10 +197,19 @@ def dataset_splits(corpus: PreparedCorpus, pretrained_on: Sequence[str], *, fold
 
 def evaluate_dataset(encoder, corpus: PreparedCorpus, pretrained_on: Sequence[str], *, task: str, folds: int,
                      fractions: Sequence[float], seeds: Sequence[int], split_seed: int, probe_steps: int,
-                     finetune_steps: int, size: int) -> dict[str, list[dict[str, float]]]:
-    """{"fold f": [per seed {"<mode>, labels <fraction> (<metric>)": score}]} on a user's labelled scans."""
+                     finetune_steps: int, size: int, dim: int = 2) -> dict[str, list[dict[str, float]]]:
+    """{"fold f": [per seed {"<mode>, labels <fraction> (<metric>)": score}]} on a user's labelled scans.
+
+    2-D encoders: slices (:func:`scan_task`, ``size``-sided); 3-D encoders: volumes, ``size``-sided
+    training patches (the pretraining crop) and sliding-window inference (Dice and HD95)."""
     labelled, splits = dataset_splits(corpus, pretrained_on, folds=folds, seed=split_seed)
     scans = {k: corpus.scan(i) for k, i in labelled.items()}
+    if dim == 3:
+        if task != "segmentation":
+            raise UserError(f"tcm-eval: a 3-D encoder is evaluated on volume segmentation; --task must be "
+                            f"segmentation, got {task}")
+        return _evaluate_volumes(encoder, scans, splits, fractions=fractions, seeds=seeds, probe_steps=probe_steps,
+                                 finetune_steps=finetune_steps, roi=size)
     metric = "Dice" if task == "segmentation" else "acc."
     results: dict[str, list[dict[str, float]]] = {}
     for f, (train, test) in enumerate(splits):
@@ -191,6 +220,34 @@ def evaluate_dataset(encoder, corpus: PreparedCorpus, pretrained_on: Sequence[st
                 for mode, steps in (("probe", probe_steps), ("finetune", finetune_steps)):
                     scores[f"{mode}, labels {fraction:g} ({metric})"] = evaluate_encoder(
                         encoder, t, mode=mode, steps=steps, seed=seed)
+            results.setdefault(f"fold {f}", []).append(scores)
+    return results
+
+
+def _evaluate_volumes(encoder, scans, splits, *, fractions, seeds, probe_steps, finetune_steps, roi):
+    ids = sorted({int(i) for s in scans.values() for i in np.unique(s.label_map) if i > 0})
+    lut = np.zeros(max(ids) + 1, dtype=np.int64)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    names = {i: n for s in scans.values() for i, n in s.label_names.items()}
+    classes = ("background", *(names.get(i, f"label {i}") for i in ids))
+    volumes = {}
+    for k, s in scans.items():
+        if s.image.ndim != 3:
+            raise UserError(f"tcm-eval: a 3-D encoder needs volumes; scan {k!r} is a 2-D image")
+        volumes[k] = (torch.from_numpy(normalize_intensity(s.image, s.modality)).float(),
+                      torch.from_numpy(lut[s.label_map.astype(np.int64)]).long())
+    results: dict[str, list[dict[str, float]]] = {}
+    for f, (train, test) in enumerate(splits):
+        for seed in seeds:
+            scores = {}
+            for fraction in fractions:
+                task = VolumeTask("volumes (by scan)", classes, [volumes[k] for k in label_subset(train, fraction,
+                                                                                                   seed)],
+                                  [volumes[k] for k in test], tuple(scans[test[0]].spacing))
+                for mode, steps in (("probe", probe_steps), ("finetune", finetune_steps)):
+                    out = evaluate_volume_task(encoder, task, roi=roi, mode=mode, steps=steps, seed=seed)
+                    scores[f"{mode}, labels {fraction:g} (Dice)"] = out.mean_dice
+                    scores[f"{mode}, labels {fraction:g} (HD95)"] = float(np.nanmean(out.hd95))
             results.setdefault(f"fold {f}", []).append(scores)
     return results
 
@@ -240,21 +297,22 @@ def _main(argv: Sequence[str] | None) -> int:
     out = pathlib.Path(args.out)
     if args.checkpoint and args.dataset:
         path = pathlib.Path(args.checkpoint)
-        encoder = _encoder_from_checkpoint(path)
+        encoder, cfg = _encoder_from_checkpoint(path)
         pretrained_on = _pretrained_on(path)
         corpus = _dataset_corpus(args.dataset, args.label_dir, args.label_names, out)
         results = evaluate_dataset(encoder, corpus, pretrained_on, task=args.task, folds=args.folds,
                                    fractions=args.label_fraction, seeds=args.seeds, split_seed=args.split_seed,
-                                   probe_steps=args.probe_steps, finetune_steps=args.finetune_steps, size=args.size)
+                                   probe_steps=args.probe_steps, finetune_steps=args.finetune_steps,
+                                   size=args.size if cfg.spatial_dims == 2 else cfg.image_size, dim=cfg.spatial_dims)
         path = write_report(results, out, steps=None, seeds=args.seeds,
                             title=f"{args.checkpoint} on {args.dataset} ({args.task}, split by scan, "
                                   f"seeds {list(args.seeds)})")
         print(path.read_text())
         return 0
     if args.checkpoint:
-        encoder = _encoder_from_checkpoint(pathlib.Path(args.checkpoint))  # before the tasks: fail fast
-        tasks = {"chest": chest_organ_task(), "brain": brain_lobe_task()}
-        scores = evaluate(encoder, tasks, probe_steps=args.probe_steps, finetune_steps=args.finetune_steps, seed=0)
+        encoder, cfg = _encoder_from_checkpoint(pathlib.Path(args.checkpoint))  # before the tasks: fail fast
+        scores = evaluate(encoder, embedded_tasks(cfg.spatial_dims), probe_steps=args.probe_steps,
+                          finetune_steps=args.finetune_steps, seed=0, dim=cfg.spatial_dims, roi=cfg.image_size)
         path = write_report({"checkpoint": [scores]}, out, steps=None, seeds=[0],
                             title=f"Evaluation of {args.checkpoint} (seed 0)")
         print(path.read_text())
