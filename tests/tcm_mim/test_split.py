@@ -204,3 +204,27 @@ def test_eval_on_a_labelled_folder_tests_only_scans_pretraining_never_read(tmp_p
     assert eval_main(["--checkpoint", str(run / "checkpoint.pt"), "--dataset", str(run / "corpus"),
                       "--out", str(tmp_path / "eval2")]) == 2
     assert "every labelled scan of the dataset (5) was read by the checkpoint's pretraining" in capsys.readouterr().err
+
+
+def test_compare_reports_paired_differences_with_intervals(tmp_path):
+    import json
+
+    from tcm_mim.eval.report import bootstrap_interval
+    from tcm_mim.eval.report import main as eval_main
+
+    lo, hi = bootstrap_interval([0.1, 0.1, 0.1])
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    lo, hi = bootstrap_interval([-0.2, 0.0, 0.2])
+    assert lo < 0 < hi
+    base = [{"Dice": 0.50}, {"Dice": 0.60}, {"Dice": 0.55}]
+    for name, rows in (("a", {"random": base}), ("b", {"spark": [{"Dice": d["Dice"] + 0.1} for d in base],
+                                                      "tcm": [{"Dice": d["Dice"] + s} for d, s in
+                                                              zip(base, (0.05, -0.05, 0.0))]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(rows))
+    assert eval_main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "Paired differences to `a/random`" in report
+    assert "| b/spark | Dice | +0.100 | [+0.100, +0.100] | yes |" in report
+    assert "| b/tcm | Dice | +0.000 |" in report and "no: the interval holds 0" in report
+    assert (tmp_path / "cmp" / "report.png").exists()

@@ -122,7 +122,42 @@ def _with_defaults(key: dict) -> dict:
     return {**key, "config": {**{k: v for k, v in defaults.items() if k not in key["config"]}, **key["config"]}}
 
 
-def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title: str | None = None) -> pathlib.Path:
+def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = 10000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (paired per-seed differences)."""
+    v = np.asarray(values, dtype=np.float64)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))].mean(1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def paired_differences(results: dict[str, list[dict[str, float]]], reference: str) -> list[str]:
+    """Markdown lines: per metric and row, the mean of the paired per-seed differences to ``reference``
+    with its 95% bootstrap interval, and plainly whether the interval holds 0 (no resolved difference)."""
+    ref = results[reference]
+    lines = [f"## Paired differences to `{reference}` (per seed, 95% bootstrap interval)", "",
+             "| row | metric | mean difference | 95% interval | resolved? |", "|---|---|---:|---|---|"]
+    for row, runs in results.items():
+        if row == reference:
+            continue
+        if len(runs) != len(ref):
+            raise ValueError(f"paired_differences: {row!r} has {len(runs)} seeds, {reference!r} {len(ref)}: "
+                             f"differences pair seeds, so both need the same seeds")
+        for label in runs[0]:
+            diffs = [r[label] - q[label] for r, q in zip(runs, ref)]
+            lo, hi = bootstrap_interval(diffs)
+            verdict = "no: the interval holds 0" if lo <= 0 <= hi else "yes"
+            lines.append(f"| {row} | {label} | {statistics.fmean(diffs):+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{verdict} |")
+    lines.append("")
+    lines.append(f"Seeds: {len(ref)}. With few seeds the bootstrap interval is coarse (it resamples only "
+                 f"{len(ref)} differences); read it as a lower bound on the uncertainty.")
+    return lines
+
+
+def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title: str | None = None,
+                 reference: str | None = None) -> pathlib.Path:
+    """``<out>/report.md`` (mean ± std per row and metric, paired differences to ``reference``),
+    ``results.json`` and ``report.png``; ``results``: row -> [per seed {metric: value}]."""
     labels = list(next(iter(results.values()))[0])
     title = title or f"Pretraining methods compared ({steps} steps each, seeds {list(seeds)})"
     lines = [f"# {title}", "",
@@ -137,6 +172,9 @@ def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title:
             summary.setdefault(label, {})[method] = (mean, std)
             cells.append(f"{mean:.3f} ± {std:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    reference = reference if reference is not None else ("random" if "random" in results else None)
+    if reference is not None and len(results) > 1 and len(results[reference]) > 1:
+        lines += ["", *paired_differences(results, reference)]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -260,6 +298,27 @@ def _pretrained_on(checkpoint_path: pathlib.Path) -> list[str]:
     return SplitManifest.load(path).pretrained_on
 
 
+def compare_runs(runs: Sequence[str], out: pathlib.Path, *, reference: str | None = None) -> pathlib.Path:
+    """One report over several ``tcm-eval`` output folders (their ``results.json``): rows are
+    ``<folder name>/<row>``; only metrics every row has are compared."""
+    merged: dict[str, list[dict[str, float]]] = {}
+    for run_dir in runs:
+        path = pathlib.Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise UserError(f"tcm-eval: --compare takes tcm-eval output folders; {path} is missing")
+        for row, scores in json.loads(path.read_text()).items():
+            merged[f"{pathlib.Path(run_dir).name}/{row}"] = scores
+    shared = set.intersection(*(set(r[0]) for r in merged.values()))
+    if not shared:
+        raise UserError(f"tcm-eval: --compare: the runs {list(runs)} share no metric")
+    merged = {row: [{k: v for k, v in r.items() if k in shared} for r in runs] for row, runs in merged.items()}
+    if reference is not None and reference not in merged:
+        raise UserError(f"tcm-eval: --reference must be one of the rows {sorted(merged)}, got {reference!r}")
+    reference = reference or next(iter(merged))
+    return write_report(merged, out, steps=None, seeds=range(len(merged[reference])),
+                        title=f"Comparison of {len(runs)} evaluation runs", reference=reference)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = ArgumentParser(prog="tcm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="evaluate this checkpoint only")
@@ -280,6 +339,10 @@ def _main(argv: Sequence[str] | None) -> int:
                         help="--dataset: fractions of the training scans whose labels are used")
     parser.add_argument("--split-seed", type=int, default=0, help="--dataset: seed of the folds")
     parser.add_argument("--size", type=int, default=128, help="--dataset: side slices are padded / cropped to")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
+                        help="tcm-eval output folders to compare in one report (paired by seed)")
+    parser.add_argument("--reference", default=None,
+                        help="--compare: the row differences are taken to (default: the first)")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="PretrainConfig key=value applied to every run")
@@ -295,6 +358,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.dataset and not args.checkpoint:
         parser.error("--dataset evaluates one --checkpoint; give --checkpoint")
     out = pathlib.Path(args.out)
+    if args.compare:
+        print(compare_runs(args.compare, out, reference=args.reference).read_text())
+        return 0
     if args.checkpoint and args.dataset:
         path = pathlib.Path(args.checkpoint)
         encoder, cfg = _encoder_from_checkpoint(path)
