@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -138,7 +139,6 @@ def test_scan_task_splits_by_scan_never_by_slice():
 
 
 def test_volume_metrics_and_sliding_window():
-    pytest.importorskip("monai")
     from tcm_mim.eval.volume import VolumeSegmenter, sliding_window_predict, volume_scores
     from tcm_mim.models import build_encoder
 
@@ -158,7 +158,6 @@ def test_volume_metrics_and_sliding_window():
 
 
 def test_volume_evaluation_runs_on_a_tiny_budget():
-    pytest.importorskip("monai")
     from tcm_mim.eval.volume import VolumeTask, evaluate_volume_task
     from tcm_mim.models import build_encoder
 
@@ -170,7 +169,6 @@ def test_volume_evaluation_runs_on_a_tiny_budget():
 
 
 def test_eval_on_a_labelled_folder_tests_only_scans_pretraining_never_read(tmp_path, capsys):
-    nib = pytest.importorskip("nibabel")
     from tcm_mim.data import PreparedCorpus
     from tcm_mim.eval.report import dataset_splits
     from tcm_mim.eval.report import main as eval_main
