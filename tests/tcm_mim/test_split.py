@@ -226,3 +226,13 @@ def test_compare_reports_paired_differences_with_intervals(tmp_path):
     assert "| b/spark | Dice | +0.100 | [+0.100, +0.100] | yes |" in report
     assert "| b/tcm | Dice | +0.000 |" in report and "no: the interval holds 0" in report
     assert (tmp_path / "cmp" / "report.png").exists()
+
+
+def test_chest_3d_task_trains_outside_the_block_and_tests_on_it():
+    from tcm_mim.eval.volume import chest_organ_task_3d
+
+    task = chest_organ_task_3d()
+    _, _, classes, train, test = chest_organ_volume(144)
+    assert task.classes == classes and len(task.test) == 1 and task.test[0][0].shape[0] == len(test)
+    assert sum(v.shape[0] for v, _ in task.train) == len(train) and len(task.train) == 2  # two slabs
+    assert task.spacing == (2.5, 2.5, 2.5)
