@@ -11,6 +11,7 @@ import torch
 from tcm_mim.eval import brain_lobe_task, chest_organ_task, evaluate_encoder
 from tcm_mim.eval.report import main as eval_main
 from tcm_mim.data.split import GUARD, block_slices
+from tcm_mim.eval.tasks import _split
 from tcm_mim.models import build_encoder
 
 
@@ -21,6 +22,7 @@ def test_split_keeps_test_block_and_guard_out_of_training():
     assert test == list(range(40, 60))
     assert not set(train) & set(range(40 - GUARD, 60 + GUARD))
     assert set(train) == set(range(10, 40 - GUARD)) | set(range(60 + GUARD, 90))
+    assert _split(labelled.numpy()) == (train, test)  # the middle quarter of the labelled slices
 
 
 @pytest.fixture(scope="module")

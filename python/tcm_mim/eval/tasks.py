@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..data import Scan, load_embedded, normalize_intensity
-from ..data.split import GUARD, LOBES, ORGANS, SCORED, block_slices, class_map, embedded_split
+from ..data.split import GUARD, LOBES, ORGANS, SCORED, block_slices, class_map, embedded_split, middle_block
 
 __all__ = ["GUARD", "LOBES", "ORGANS", "Task", "brain_lobe_task", "chest_organ_task", "chest_organ_volume",
            "scan_task"]
@@ -37,6 +37,12 @@ def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
     x = x[..., starts[0]:starts[0] + size, starts[1]:starts[1] + size]
     pads = [((size - d) // 2, size - d - (size - d) // 2) for d in x.shape[-2:]]
     return np.pad(x, [(0, 0)] * (x.ndim - 2) + pads)
+
+
+def _split(labelled: np.ndarray) -> tuple[list[int], list[int]]:
+    """(train, test) labelled slice indices of one volume (``labelled`` bool [D]) split by block: the middle
+    quarter with guard bands, the rule of :mod:`tcm_mim.data.split` (tcm-finetune splits a lone volume so)."""
+    return block_slices(len(labelled), [middle_block(labelled)], labelled)
 
 
 def _embedded(name: str):
