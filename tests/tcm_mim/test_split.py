@@ -149,6 +149,8 @@ def test_volume_metrics_and_sliding_window():
     shifted = volume_scores(torch.roll(target, 2, dims=2), target, ("background", "cube", "ball"),
                             spacing=(2.0, 1.0, 1.0))
     assert all(d < 1 for d in shifted.dice) and all(h >= 1.9 for h in shifted.hd95)
+    missed = volume_scores(torch.where(target == 2, 0, target), target, ("background", "cube", "ball"))
+    assert missed.dice[1] == 0 and missed.hd95[1] == pytest.approx(float(np.linalg.norm([15, 23, 23])))
     torch.manual_seed(0)
     model = VolumeSegmenter(build_encoder("resnet3d_tiny", dim=3, in_channels=1), 3).eval()
     image = torch.from_numpy(scans["p0"].image / 600)[None, None].float()[..., :16, :16, :16]

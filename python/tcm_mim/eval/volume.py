@@ -84,6 +84,9 @@ def volume_scores(pred: torch.Tensor, target: torch.Tensor, classes: Sequence[st
                   spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> VolumeScores:
     """Dice and 95th-percentile Hausdorff distance (in the units of ``spacing``) per foreground class.
 
+    NaN for a class absent from ``target``; HD95 of a class present but not predicted is the volume's
+    diagonal (the worst possible distance).
+
     Args:
         pred, target: class indices long [*S] (0 = background).
         classes: names, background first.
@@ -94,11 +97,19 @@ def volume_scores(pred: torch.Tensor, target: torch.Tensor, classes: Sequence[st
     n = len(classes)
     onehot = [F.one_hot(t.long(), n).movedim(-1, 0)[None].float() for t in (pred, target)]
     dice = compute_dice(onehot[0], onehot[1], include_background=False, ignore_empty=True)[0]
-    hd = compute_hausdorff_distance(onehot[0], onehot[1], include_background=False, percentile=95,
-                                    spacing=list(spacing))[0]
-    present = [bool((target == c).any()) for c in range(1, n)]
-    return VolumeScores(tuple(classes), [float(d) if p else float("nan") for d, p in zip(dice, present)],
-                        [float(h) if p else float("nan") for h, p in zip(hd, present)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf distance")
+        hd = compute_hausdorff_distance(onehot[0], onehot[1], include_background=False, percentile=95,
+                                        spacing=list(spacing))[0]
+    # A class present but never predicted has no surface to measure: it scores the volume's diagonal
+    # (the worst distance possible), not NaN, so that predicting nothing cannot look good.
+    worst = float(np.linalg.norm([(s - 1) * d for s, d in zip(target.shape, spacing)]))
+    scores_dice, scores_hd = [], []
+    for c in range(1, n):
+        present, predicted = bool((target == c).any()), bool((pred == c).any())
+        scores_dice.append(float(dice[c - 1]) if present else float("nan"))
+        scores_hd.append(float("nan") if not present else float(hd[c - 1]) if predicted else worst)
+    return VolumeScores(tuple(classes), scores_dice, scores_hd)
 
 
 def _patch(image: torch.Tensor, target: torch.Tensor, roi: int, gen: torch.Generator):
