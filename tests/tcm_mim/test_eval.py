@@ -54,9 +54,15 @@ def test_evaluate_encoder_runs(tasks, mode):
 def test_report_cli_tiny(tmp_path):
     assert eval_main(["--methods", "random", "spark", "--seeds", "0", "1", "--steps", "1", "--probe-steps", "2",
                       "--finetune-steps", "1", "--out", str(tmp_path), "--no-progress", "encoder=resnet_tiny",
-                      "image_size=64", "batch_size=2", "decoder_width=16", "warmup_steps=1"]) == 0
+                      "image_size=64", "batch_size=2", "decoder_width=16", "warmup_steps=1", "--curve-every", "1"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "| random |" in report and "| spark |" in report and (tmp_path / "report.png").exists()
+    assert "Paired differences to `random`" in report and "| spark | chest organs, probe (Dice) |" in report
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
+    probe = curves["spark"][1]["chest organs, probe (Dice)"]
+    assert [step for step, _ in probe] == [1, 2] and (tmp_path / "curves.png").exists()
+    assert probe[-1][1] == results["spark"][1]["chest organs, probe (Dice)"]  # the curve ends at the score
 
 
 def test_report_reuses_finished_runs_only_for_the_same_config(tmp_path, capsys):

@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..models import SparKMIM, build_encoder
 from ..train import PretrainConfig, Trainer, checkpoint, load_config
 from ..train.config import METHODS, config_from_dict
-from .probe import evaluate_encoder
+from .probe import evaluate_encoder, learning_curve
 from .tasks import brain_lobe_task, chest_organ_task, scan_task
 from .volume import VolumeTask, chest_organ_task_3d, evaluate_volume_task
 
@@ -46,9 +46,12 @@ EVALS = (("chest organs, probe (Dice)", "chest", "probe"), ("chest organs, fine-
 
 
 def evaluate(encoder, tasks, *, probe_steps: int, finetune_steps: int, seed: int, dim: int = 2,
-             roi: int = 48) -> dict[str, float]:
+             roi: int = 48, curve_every: int = 0, curves: dict | None = None) -> dict[str, float]:
     """The embedded tasks' scores: 2-D encoders on the chest and brain tasks, 3-D encoders on the chest
-    CT at 3-D (``roi``-sided patches, the pretraining crop, and sliding-window inference)."""
+    CT at 3-D (``roi``-sided patches, the pretraining crop, and sliding-window inference).
+
+    ``curve_every`` > 0 (2-D): ``curves[label]`` receives the learning curve [(step, metric)] of each
+    evaluation, whose last point is its score (the same runs, no extra training)."""
     out = {}
     if dim == 3:
         for mode in ("probe", "finetune"):
@@ -59,8 +62,32 @@ def evaluate(encoder, tasks, *, probe_steps: int, finetune_steps: int, seed: int
         return out
     for label, task_key, mode in EVALS:
         steps = probe_steps if mode == "probe" else finetune_steps
-        out[label] = evaluate_encoder(encoder, tasks[task_key], mode=mode, steps=steps, seed=seed)
+        curve = learning_curve(encoder, tasks[task_key], mode=mode, steps=steps, every=curve_every or steps,
+                               seed=seed)
+        out[label] = curve[-1][1]
+        if curves is not None and curve_every:
+            curves[label] = curve
     return out
+
+
+def plot_curves(curves: dict[str, list[dict[str, list]]], path: pathlib.Path) -> None:
+    """``curves``: method -> [per seed {label: [(step, metric)]}]; one panel per label, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(next(iter(curves.values()))[0])
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        for method, runs in curves.items():
+            points = np.array([[v for _, v in run[label]] for run in runs])
+            ax.plot([st for st, _ in runs[0][label]], points.mean(0), label=method)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def embedded_tasks(dim: int) -> dict:
@@ -84,12 +111,15 @@ def _encoder_from_checkpoint(path: pathlib.Path):
     return model.encoder, cfg
 
 
-def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_steps, finetune_steps, progress=True):
+def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_steps, finetune_steps, progress=True,
+                   curve_every: int = 0):
     """Pretrain and evaluate every (method, seed); a run whose ``eval.json`` records the same
-    configuration and evaluation budget is reused, so an interrupted comparison continues."""
+    configuration and evaluation budget is reused, so an interrupted comparison continues.
+    ``curve_every`` > 0: learning curves of every evaluation in ``<out>/curves.png`` / ``curves.json``."""
     dim = load_config(None, ["method=spark", *overrides]).spatial_dims
     tasks = embedded_tasks(dim)
     results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    curves: dict[str, list[dict[str, list]]] = {m: [] for m in methods}
     for method in methods:
         for seed in seeds:
             run_dir = out / f"{method}_seed{seed}"
@@ -97,21 +127,28 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
                     f"out_dir={run_dir}", "image_every=0", *overrides]
             cfg = load_config(None, base)
             key = {"config": dataclasses.asdict(cfg), "trained": method != "random", "probe_steps": probe_steps,
-                   "finetune_steps": finetune_steps}
+                   "finetune_steps": finetune_steps, **({"curve_every": curve_every} if curve_every else {})}
             done = run_dir / "eval.json"
             if done.exists() and _with_defaults(json.loads(done.read_text())["key"]) == key:
                 results[method].append(json.loads(done.read_text())["scores"])
+                curves[method].append(json.loads(done.read_text()).get("curves", {}))
                 print(f"{method} seed {seed}: reused {done}", flush=True)
                 continue
             trainer = Trainer(cfg)
             if method != "random":  # random: the same architecture, initialised with the same seed, not trained
                 trainer.train(progress=progress)
+            curves[method].append({})
             results[method].append(evaluate(trainer.model.encoder, tasks, probe_steps=probe_steps,
-                                            finetune_steps=finetune_steps, seed=seed, dim=dim, roi=cfg.image_size))
+                                            finetune_steps=finetune_steps, seed=seed, dim=dim, roi=cfg.image_size,
+                                            curve_every=curve_every, curves=curves[method][-1]))
             run_dir.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps({"key": key, "scores": results[method][-1]}, indent=1))
+            done.write_text(json.dumps({"key": key, "scores": results[method][-1], "curves": curves[method][-1]},
+                                       indent=1))
             print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
     write_report(results, out, steps=steps, seeds=seeds)
+    if curve_every and dim == 2:
+        (out / "curves.json").write_text(json.dumps(curves, indent=1))
+        plot_curves(curves, out / "curves.png")
     return results
 
 
@@ -343,10 +380,15 @@ def _main(argv: Sequence[str] | None) -> int:
                         help="tcm-eval output folders to compare in one report (paired by seed)")
     parser.add_argument("--reference", default=None,
                         help="--compare: the row differences are taken to (default: the first)")
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="comparison of 2-D encoders: record the test metric every N probe / fine-tune steps "
+                             "(curves.png, curves.json) to choose the step count from")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="PretrainConfig key=value applied to every run")
     args = parser.parse_args(argv)
+    if args.curve_every < 0:
+        parser.error(f"--curve-every must be >= 0, got {args.curve_every}")
     for flag in ("steps", "probe_steps", "finetune_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -387,7 +429,7 @@ def _main(argv: Sequence[str] | None) -> int:
         load_config(None, ["method=spark" if method == "random" else f"method={method}", f"steps={args.steps}",
                            *args.overrides])
     run_comparison(args.methods, args.seeds, args.steps, out, args.overrides, args.probe_steps, args.finetune_steps,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, curve_every=args.curve_every)
     print((out / "report.md").read_text())
     return 0
 
