@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_real, check_tensor
 from ..reference import sample_mask as _ref
 
@@ -201,6 +202,7 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
     return MaskSample(*out)
 
 
+@autocast_rule("fp32")
 def patch_scores(saliency: torch.Tensor, patch_size: int | tuple[int, ...], *, reduce: str = "mean") -> torch.Tensor:
     """Pool a pixel/voxel saliency map to one score per patch.
 
