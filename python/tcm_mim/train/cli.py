@@ -3,6 +3,7 @@
 Examples::
 
     tcm-pretrain method=spark steps=100
+    tcm-pretrain device=cuda precision=bf16 compile=true grad_accum_steps=4 max_grad_norm=1.0
     tcm-pretrain --config configs/pretrain_tcm.yaml lr=1e-3 --resume
     tcm-pretrain --config configs/pretrain_tcm3d.yaml method=amlp   # 3-D: dim follows the encoder
     torchrun --nproc_per_node=2 -m tcm_mim.train.cli --config configs/pretrain_tcm.yaml
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import load_config
+from .device import process_group_backend, resolve_device
 from .trainer import Trainer
 
 
@@ -36,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = resolve_device(cfg.device)  # cuda:$LOCAL_RANK under torchrun
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(process_group_backend(device))
     try:
         trainer = Trainer(cfg)
         ckpt = trainer.train(resume=args.resume, progress=not args.no_progress)

@@ -50,6 +50,13 @@ class PretrainConfig:
     warmup_steps: int = 20
     seed: int = 0
     backend: str | None = None  # "reference" runs the same model on the dense-emulation ops
+    # device, precision, step (tcm_mim.train.device, Trainer.train_step)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda:$LOCAL_RANK under torchrun, cuda, else cpu
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler); auto: bf16 on CUDA
+    compile: bool = False  # torch.compile the model's training forward
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimiser step
+    max_grad_norm: float | None = None  # clip the global gradient norm to this (null: no clipping; always logged)
+    skip_nonfinite: int = 0  # NaN/inf loss or gradient: skip up to this many steps, then stop with an error
     # output
     out_dir: str = "runs/pretrain"
     log_every: int = 10
