@@ -94,7 +94,8 @@ def test_device_and_precision_resolution(monkeypatch):
         resolve_device("cuda:1")
     with pytest.raises(ValueError, match=r"device must be one of .*got 'gpu'"):
         resolve_device("gpu")
-    assert resolve_precision("auto", torch.device("cpu")) is None and resolve_precision("fp32", torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match=r"precision must be one of .*got 'half'"):
         resolve_precision("half", torch.device("cpu"))
