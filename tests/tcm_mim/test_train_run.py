@@ -249,3 +249,14 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     with pytest.raises(NonFiniteError, match=r"refusing to write .*non-finite weights in \['head.0.weight'\]"):
         trainer.save_checkpoint()
     assert path.read_bytes() == good
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("grad_accum_steps", 0, "grad_accum_steps must be >= 1, got 0"),
+    ("max_grad_norm", 0.0, r"max_grad_norm must be > 0 or null \(no clipping\), got 0.0"),
+    ("skip_nonfinite", -1, "skip_nonfinite must be >= 0, got -1"),
+    ("precision", "fp8", "precision must be one of"),
+])
+def test_step_keys_are_checked_before_anything_is_built(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(_cfg(tmp_path, "spark", **{key: value}))
