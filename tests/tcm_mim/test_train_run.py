@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tcm_kernels import _backend
-from tcm_mim.train import PretrainConfig, Trainer
+from tcm_mim.train import PretrainConfig, Trainer, checkpoint
 from tcm_mim.train.config import METHODS
 from tcm_mim.train.device import process_group_backend, resolve_device, resolve_precision
 from tcm_mim.train.methods import Method, method_class, method_names
@@ -63,7 +63,7 @@ def test_methods_as_objects_keep_mains_losses(tmp_path, method):
                                                  ("amlp", {"ccl_head"})])
 def test_checkpoint_carries_only_the_methods_modules(tmp_path, method, entries):
     trainer = Trainer(_cfg(tmp_path, method, steps=1))
-    state = torch.load(trainer.train(progress=False), weights_only=False)
+    state = checkpoint.load(trainer.train(progress=False))
     assert {"head", "ccl_head", "teacher"} & set(state) == entries
     assert state["method"] == method
 
@@ -74,11 +74,11 @@ def test_checkpoint_of_the_previous_format_still_loads(tmp_path):
     Trainer(_cfg(tmp_path, "amlp", "full")).train(progress=False)
     first = Trainer(_cfg(tmp_path, "amlp"))
     first.train(progress=False, stop_after=1)
-    state = torch.load(first.checkpoint_path, weights_only=False)
+    state = checkpoint.load(first.checkpoint_path)
     legacy = {k: v for k, v in state.items() if k not in ("scaler", "method")}
     legacy.update(head=torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
                                            torch.nn.Linear(128, 64)).state_dict(), teacher=None)
-    torch.save(legacy, first.checkpoint_path)
+    checkpoint.save(legacy, first.checkpoint_path)
     Trainer(_cfg(tmp_path, "amlp")).train(resume=True, progress=False)
     loss_columns = ("step", "loss", "recon", "ccl")
     assert [[r[c] for c in loss_columns] for r in _rows(tmp_path / "run")] == \
@@ -224,7 +224,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(t
     _poison(trainer, 2)
     with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss term recon=nan.*checkpoint.*is kept"):
         trainer.train(progress=False)
-    state = torch.load(trainer.checkpoint_path, weights_only=False)
+    state = checkpoint.load(trainer.checkpoint_path)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert [r["step"] for r in _rows(tmp_path / "run")] == ["0", "1"]  # the log is flushed; step 2 is in the error
 
@@ -238,25 +238,3 @@ def test_skip_nonfinite_skips_and_logs(tmp_path, caplog):
     rows = _rows(tmp_path / "run")
     assert len(rows) == 4 and rows[1]["loss"] == "nan" and math.isfinite(float(rows[3]["loss"]))
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-
-
-def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, "tcm", steps=1))
-    path = trainer.train(progress=False)
-    good = path.read_bytes()
-    with torch.no_grad():
-        trainer.method.heads["head"][0].weight[0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match=r"refusing to write .*non-finite weights in \['head.0.weight'\]"):
-        trainer.save_checkpoint()
-    assert path.read_bytes() == good
-
-
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("grad_accum_steps", 0, "grad_accum_steps must be >= 1, got 0"),
-    ("max_grad_norm", 0.0, r"max_grad_norm must be > 0 or null \(no clipping\), got 0.0"),
-    ("skip_nonfinite", -1, "skip_nonfinite must be >= 0, got -1"),
-    ("precision", "fp8", "precision must be one of"),
-])
-def test_step_keys_are_checked_before_anything_is_built(tmp_path, key, value, message):
-    with pytest.raises(ValueError, match=message):
-        Trainer(_cfg(tmp_path, "spark", **{key: value}))

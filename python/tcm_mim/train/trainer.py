@@ -5,20 +5,21 @@ Per optimiser step, ``grad_accum_steps`` micro-batches: a deterministic batch
 ``spatial_dims`` is 3) copied to the run's device, the method's masks and loss under
 autocast (``precision``) through the optionally compiled model (``compile``), backward
 (loss-scaled for fp16); then the gradient norm (clipped to ``max_grad_norm``), the
-non-finite guard, AdamW with warm-up + cosine. Checkpoints are written atomically, never
-with non-finite weights, and hold everything a resumed run needs to continue exactly.
+non-finite guard, AdamW with warm-up + cosine. Checkpoints (``checkpoint.py``: atomic,
+digest-checked, ``weights_only``, never with non-finite weights) hold everything a resumed run
+needs to continue exactly; a lock keeps a second run out of ``out_dir``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import logging
 import math
 import os
 import pathlib
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,10 @@ from torch import nn
 import tcm_kernels
 
 from ..data import EMBEDDED, FolderDataset, load_embedded
+from ..errors import RunWarning, UserError
 from ..models import SparKMIM, build_encoder, set_backend
-from .config import PretrainConfig
+from . import checkpoint
+from .config import ConfigError, PretrainConfig, resume_changes
 from .device import resolve_device, resolve_precision
 from .methods import Method, method_class
 from .stream import SliceStream, VolumeStream
@@ -40,16 +43,9 @@ LOSS_TERMS = ("loss", "recon", "contrastive", "ccl")
 CSV_FIELDS = ("step", *LOSS_TERMS, "grad_norm", "lr", "mask_ratio", "images_per_s")
 
 
-class NonFiniteError(RuntimeError):
-    """A loss term or the gradient became NaN/inf (and ``skip_nonfinite`` allows no more skips),
-    or a checkpoint would have held non-finite weights."""
-
-
-def atomic_save(obj, path: pathlib.Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class NonFiniteError(UserError):
+    """A loss term or the gradient became NaN/inf and ``skip_nonfinite`` allows no more skips: a
+    problem of the data or the settings (one line and exit 2 from the CLI), not of the code."""
 
 
 def _scans(cfg: PretrainConfig, dim: int):
@@ -60,16 +56,17 @@ def _scans(cfg: PretrainConfig, dim: int):
         scans = FolderDataset(cfg.dataset, label_dir=cfg.label_dir, label_names=cfg.label_names,
                               mode="3d" if dim == 3 else "2d").scans
     else:
-        raise ValueError(f"config: dataset must be one of {EMBEDDED} or an existing folder, got {cfg.dataset!r}")
+        raise ConfigError(f"config: dataset must be one of {EMBEDDED} or an existing folder, got {cfg.dataset!r}")
     flat = [s.name for s in scans if s.image.ndim != 3]
     if dim == 3 and flat:
-        raise ValueError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
-                         f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
-                         f"2-D encoder (resnet_tiny)")
+        raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
+                          f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
+                          f"2-D encoder (resnet_tiny)")
     if method_class(cfg.method).needs_labels:
         scans = [s for s in scans if s.labels is not None]
         if not scans:
-            raise ValueError(f"{cfg.method} needs scans with label maps for its prompts; {cfg.dataset} has none")
+            raise ConfigError(f"config: method {cfg.method} needs scans with label maps for its prompts; dataset "
+                              f"{cfg.dataset!r} has none (set label_dir for a folder dataset)")
     return scans
 
 
@@ -89,12 +86,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
-        if cfg.grad_accum_steps < 1:
-            raise ValueError(f"config: grad_accum_steps must be >= 1, got {cfg.grad_accum_steps}")
-        if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
-            raise ValueError(f"config: max_grad_norm must be > 0 or null (no clipping), got {cfg.max_grad_norm}")
-        if cfg.skip_nonfinite < 0:
-            raise ValueError(f"config: skip_nonfinite must be >= 0, got {cfg.skip_nonfinite}")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
         scans = _scans(cfg, self.dim)
@@ -105,9 +96,6 @@ class Trainer:
             for m in self.model.modules():
                 if hasattr(m, "sync"):
                     m.sync = True
-        if cfg.image_size % self.model.patch_size:
-            raise ValueError(f"config: image_size {cfg.image_size} must be a multiple of the encoder's patch size "
-                             f"{self.model.patch_size}")
         self.model.to(self.device)
         self.grid = (cfg.image_size // self.model.patch_size,) * self.dim
         # DDP averages the gradients of the ranks; the unwrapped model serves no-grad passes and checkpoints.
@@ -208,7 +196,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), **self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
+                "scaler": self.scaler.state_dict(), "step": self.step, "config": self.cfg.to_dict(),
                 "method": self.cfg.method, "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -220,23 +208,42 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
-
-    def _check_finite_weights(self) -> None:
-        tensors = [t for t in (*self.params, *self.model.buffers()) if t.is_floating_point()]
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors])
-        if not bool(finite.all()):
-            names = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers(),
-                                    *self.method.heads.named_parameters()]
-                     if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-            raise NonFiniteError(f"step {self.step}: refusing to write {self.checkpoint_path}: non-finite weights in "
-                                 f"{names[:5]}{' ...' if len(names) > 5 else ''}; the previous checkpoint is kept")
+        # The optimiser's hyperparameters follow this config, not the checkpoint's: equal when resuming
+        # an unchanged run, and what an explicitly changed lr / weight_decay / schedule must become.
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+            group["lr"] = self.cfg.lr * self._lr_factor(self.scheduler.last_epoch)
 
     def save_checkpoint(self) -> pathlib.Path:
+        """Write ``checkpoint.pt`` (rank 0) with its digest; refused, keeping the last one, if a tensor is
+        not finite (:class:`~tcm_mim.train.checkpoint.CheckpointError`)."""
         if self.rank == 0:
-            self._check_finite_weights()
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_save(self.state_dict(), self.checkpoint_path)
+            checkpoint.save(self.state_dict(), self.checkpoint_path)
         return self.checkpoint_path
+
+    def _resume(self, apply_changes: bool) -> None:
+        """Load ``checkpoint.pt`` if there is one; refuse a config that changes the run unless ``apply_changes``."""
+        path = self.checkpoint_path
+        if not path.exists():
+            warnings.warn(f"--resume: no checkpoint at {path}; starting a fresh run", RunWarning, stacklevel=3)
+            return
+        state = checkpoint.load(path, required=("model", "optimizer", "scheduler", "step", "config"))
+        changes, fixed = resume_changes(state["config"], self.cfg, source=str(path))
+        if fixed:
+            raise ConfigError(f"--resume: {path} was trained with {', '.join(fixed)}; these keys cannot change "
+                              f"on resume (use another out_dir for a new run)")
+        if changes and not apply_changes:
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise ConfigError(f"--resume: the config differs from {path}'s in keys that change the run: {listed}; "
+                              f"pass --apply-config-changes to continue with the new values, or set them back")
+        if self.cfg.steps < int(state["step"]):
+            raise ConfigError(f"--resume: steps {self.cfg.steps} is below the step {state['step']} of {path}")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as err:  # missing entries, shapes or parameter groups
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this run: {type(err).__name__}: "
+                                             f"{' '.join(str(err).split())[:400]}") from None
 
     # ------------------------------------------------------------------ loop
 
@@ -312,13 +319,32 @@ class Trainer:
         log.warning("step %d: %s; step skipped (%d of skip_nonfinite=%d)", self.step, what, self.skipped,
                     self.cfg.skip_nonfinite)
 
-    def train(self, *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> pathlib.Path:
-        """Run to ``cfg.steps`` (or ``stop_after`` steps, for tests); returns the checkpoint path."""
-        cfg = self.cfg
+    def train(self, *, resume: bool = False, apply_changes: bool = False, stop_after: int | None = None,
+              progress: bool = True) -> pathlib.Path:
+        """Run to ``cfg.steps`` (or ``stop_after`` steps, for tests); returns the checkpoint path.
+
+        ``resume``: continue from ``<out_dir>/checkpoint.pt`` if it exists (else start fresh, with a
+        warning); a config that differs from the checkpoint's in a key that changes the run raises
+        :class:`ConfigError` listing each such key, unless ``apply_changes``. Raises
+        :class:`~tcm_mim.train.checkpoint.RunLockedError` while another run holds ``out_dir``, and
+        :class:`NonFiniteError` on a NaN/inf loss or gradient beyond ``skip_nonfinite``.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and self.checkpoint_path.exists():
-            self.load_state_dict(torch.load(self.checkpoint_path, map_location="cpu", weights_only=False))
         lead = self.rank == 0  # one process writes logs, images and checkpoints
+        lock = checkpoint.RunLock(self.out).acquire() if lead else None
+        try:
+            if lead:
+                checkpoint.remove_orphan_temps(self.out)
+            if resume:
+                self._resume(apply_changes)
+            self._run(lead, stop_after, progress)
+        finally:
+            if lock is not None:
+                lock.release()
+        return self.checkpoint_path
+
+    def _run(self, lead: bool, stop_after: int | None, progress: bool) -> None:
+        cfg = self.cfg
         f, writer = self._log_rows(self.step) if lead else (None, None)
         tb = _tensorboard(self.out / "tb") if lead else None
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
@@ -346,8 +372,9 @@ class Trainer:
                 if lead and cfg.image_every and self.step % cfg.image_every == 0:
                     self.save_images(self.out / f"step{self.step:06d}.png")
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                    if f is not None:
-                        f.flush()  # the log never lags behind the checkpoint
+                    if f is not None:  # the log holds every row up to the checkpoint, whatever log_every
+                        f.flush()
+                        os.fsync(f.fileno())
                     self.save_checkpoint()
         finally:
             if f is not None:
@@ -356,7 +383,6 @@ class Trainer:
                 bar.close()
             if tb is not None:
                 tb.close()
-        return self.checkpoint_path
 
     def save_images(self, path: pathlib.Path) -> None:
         """image | masked input | reconstruction (de-normalised with each patch's own statistics), per row.
