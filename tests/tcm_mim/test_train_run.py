@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import pkgutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tcm_kernels import _backend
 from tcm_mim.train import PretrainConfig, Trainer, checkpoint
 from tcm_mim.train.config import METHODS
 from tcm_mim.train.device import process_group_backend, resolve_device, resolve_precision
+from tcm_mim.train import methods
 from tcm_mim.train.methods import Method, method_class, method_names
 from tcm_mim.train.trainer import NonFiniteError
 
@@ -45,9 +47,13 @@ def _cfg(tmp_path, method: str, name: str = "run", **kw) -> PretrainConfig:
 
 # ---------------------------------------------------------------- methods as objects
 
-def test_every_configurable_method_is_registered():
-    assert set(method_names()) == set(METHODS)
-    assert all(issubclass(method_class(n), Method) for n in METHODS)
+def test_every_module_of_the_methods_package_is_a_registered_method():
+    """Adding a method is one new module: the package imports (and so registers) every module it holds,
+    and the config's choices are the registry."""
+    modules = {info.name for info in pkgutil.iter_modules(methods.__path__)} - {"base"}
+    assert {method_class(name).__module__.rsplit(".", 1)[1] for name in method_names()} == modules
+    assert set(METHODS) == set(method_names()) == {"spark", "tcm", "anatomask", "amlp"}
+    assert all(issubclass(method_class(name), Method) for name in METHODS)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

@@ -1,7 +1,7 @@
 """Pretraining methods as objects, registered by name (``method: spark | tcm | anatomask | amlp``).
 
 Adding a method is one new module in this package: a :class:`Method` subclass decorated with
-:func:`register`. Every module here is imported on first use, so it registers itself.
+:func:`register`. Every module here is imported with the package, so it registers itself.
 """
 
 import importlib
@@ -9,8 +9,9 @@ import pkgutil
 
 from .base import Method, method_class, method_names, register
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+# The built-in methods first, in the order the docs and --help list them; then any other module.
+_FIRST = ("spark", "tcm", "anatomask", "amlp")
+for _name in (*_FIRST, *sorted({i.name for i in pkgutil.iter_modules(__path__)} - {"base", *_FIRST})):
+    importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = ["Method", "method_class", "method_names", "register"]

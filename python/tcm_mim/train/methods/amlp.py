@@ -1,6 +1,6 @@
 """AMLP: cluster- and difficulty-guided masking, attention-weighted reconstruction, category consistency.
 
-The losses are defined in :mod:`tcm_mim.train.amlp`; the ratio ramp in ``PretrainConfig.ratio_at``.
+The losses are defined in :mod:`tcm_mim.train.amlp`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ from .base import Method, register
 @register
 class AMLP(Method):
     name = "amlp"
+
+    @classmethod
+    def ratio_at(cls, cfg, step: int) -> float:
+        """The adaptive ratio: linear from ``amlp_ratio_start`` to ``amlp_ratio_end`` over the run."""
+        t = min(step / max(cfg.steps - 1, 1), 1.0)
+        return cfg.amlp_ratio_start + t * (cfg.amlp_ratio_end - cfg.amlp_ratio_start)
 
     def build_heads(self, width: int) -> dict[str, nn.Module]:
         return {"ccl_head": nn.Linear(width, 1)}  # the lesion logit of each patch's encoder features

@@ -52,6 +52,12 @@ class Method:
     needs_labels: ClassVar[bool] = False  # only scans with label maps (text prompts are matched to labels)
     needs_saliency: ClassVar[bool] = False  # the stream draws a prompt's saliency map per item
     preview_strategy: ClassVar[str] = "uniform"  # sample_mask strategy of the images written during training
+    default_mask_ratio: ClassVar[float] = 0.6  # the masking ratio when the config's mask_ratio is null
+
+    @classmethod
+    def ratio_at(cls, cfg, step: int) -> float:
+        """The overall masking ratio at ``step``: ``cfg.mask_ratio`` if set, else the method's default."""
+        return cfg.mask_ratio if cfg.mask_ratio is not None else cls.default_mask_ratio
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer

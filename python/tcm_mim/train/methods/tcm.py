@@ -16,6 +16,7 @@ class TCM(Method):
     needs_labels = True
     needs_saliency = True
     preview_strategy = "stratified"
+    default_mask_ratio = 0.4
 
     def build_heads(self, width: int) -> dict[str, nn.Module]:
         # "head": the projection of the pooled deepest features that InfoNCE compares
