@@ -20,18 +20,18 @@ from tcm_mim.train.trainer import NonFiniteError
 METHOD_NAMES = ["spark", "tcm", "anatomask", "amlp"]
 # resnet_tiny has 32-pixel patches: 64^2 crops are 2x2 patches, a step takes a fraction of a second.
 TINY = dict(encoder="resnet_tiny", decoder_width=16, image_size=64, batch_size=2, steps=2, warmup_steps=2,
-            checkpoint_every=2, image_every=0, dataset="chest_ct", prompts=["heart"])
+            checkpoint_every=2, image_every=0, dataset="chest_ct", prompts=["heart"], num_workers=0)
 
-# Loss terms of the first two steps of TINY with seed 0, logged by the trainer of main at b494e20 (before
+# Loss terms of the first two steps of TINY with seed 0, logged by the trainer of main at 38427f7 (before
 # the methods became objects), to the 6 significant digits of log.csv. amlp's total is not listed: its
 # CCL head is now built right after the model instead of after tcm's (unused) head, so its random
 # initial weights differ; step 0's reconstruction does not depend on them. (With main's head weights
-# loaded, amlp's two steps matched main's log to every digit; checked once by hand.)
+# loaded, amlp's two steps matched main's log to every digit; checked by hand.)
 MAIN_LOSSES = {
-    "spark": [{"loss": 1.0105, "recon": 1.0105}, {"loss": 1.00894, "recon": 1.00894}],
-    "tcm": [{"loss": 1.08897, "recon": 1.01008, "contrastive": 0.788916},
-            {"loss": 1.05403, "recon": 1.00846, "contrastive": 0.455762}],
-    "anatomask": [{"loss": 1.01044, "recon": 1.01044}, {"loss": 1.00912, "recon": 1.00912}],
+    "spark": [{"loss": 1.0105, "recon": 1.0105}, {"loss": 1.00891, "recon": 1.00891}],
+    "tcm": [{"loss": 1.08902, "recon": 1.01008, "contrastive": 0.78946},
+            {"loss": 1.05444, "recon": 1.00847, "contrastive": 0.459667}],
+    "anatomask": [{"loss": 1.01044, "recon": 1.01044}, {"loss": 1.00911, "recon": 1.00911}],
     "amlp": [{"recon": 1.00999}],
 }
 
@@ -198,6 +198,10 @@ def test_grad_accumulation_applies_the_mean_of_the_micro_batch_gradients(tmp_pat
     for p, q in zip(trainer.params, manual.params):
         if q.grad is not None:
             torch.testing.assert_close(applied[id(p)], q.grad, rtol=1e-5, atol=1e-7)
+    # train() reads the same micro-batches through the DataLoader (with a worker process)
+    looped = Trainer(_cfg(tmp_path, "tcm", "looped", grad_accum_steps=2, steps=1, num_workers=1))
+    looped.train(progress=False)
+    assert float(_rows(tmp_path / "looped")[0]["loss"]) == pytest.approx(values["loss"], rel=1e-5)
 
 
 def test_max_grad_norm_clips_and_logs_the_norm(tmp_path):
@@ -215,8 +219,8 @@ def _poison(trainer: Trainer, at_draw: int) -> None:
     """The batch of micro-batch ``at_draw`` gets a NaN voxel, as a NIfTI with NaN voxels would."""
     batch = trainer.batch
 
-    def poisoned(draw):
-        images, saliency = batch(draw)
+    def poisoned(draw, batches=None):
+        images, saliency = batch(draw, batches)
         if draw == at_draw:
             images = images.clone()
             images[0, 0, 0, 0] = float("nan")

@@ -2,7 +2,8 @@
 
 Per optimiser step, ``grad_accum_steps`` micro-batches: a deterministic batch
 (``SliceStream`` of 2-D crops, ``VolumeStream`` of 3-D crops when the config's
-``spatial_dims`` is 3) copied to the run's device, the method's masks and loss under
+``spatial_dims`` is 3, read from a prepared corpus by a DataLoader with ``num_workers``
+processes) copied to the run's device, the method's masks and loss under
 autocast (``precision``) through the optionally compiled model (``compile``), backward
 (loss-scaled for fp16); then the gradient norm (clipped to ``max_grad_norm``), the
 non-finite guard, AdamW with warm-up + cosine. Checkpoints (``checkpoint.py``: atomic,
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import time
 import warnings
 
@@ -27,12 +29,14 @@ from torch import nn
 
 import tcm_kernels
 
-from ..data import EMBEDDED, FolderDataset, load_embedded
+from ..data import EMBEDDED, PreparedCorpus, embedded_corpus, prepare_corpus
+from ..data.prepare import ensure_saliency
 from ..errors import RunWarning, UserError
 from ..models import SparKMIM, build_encoder, set_backend
 from . import checkpoint
 from .config import ConfigError, PretrainConfig, resume_changes
 from .device import resolve_device, resolve_precision
+from .loader import build_loader
 from .methods import Method, method_class
 from .stream import SliceStream, VolumeStream
 
@@ -48,26 +52,44 @@ class NonFiniteError(UserError):
     problem of the data or the settings (one line and exit 2 from the CLI), not of the code."""
 
 
-def _scans(cfg: PretrainConfig, dim: int):
-    """The dataset's scans: an embedded name, or a folder read by :class:`tcm_mim.data.FolderDataset`."""
-    if cfg.dataset in EMBEDDED:
-        scans = load_embedded(cfg.dataset)
-    elif pathlib.Path(cfg.dataset).is_dir():
-        scans = FolderDataset(cfg.dataset, label_dir=cfg.label_dir, label_names=cfg.label_names,
-                              mode="3d" if dim == 3 else "2d").scans
-    else:
-        raise ConfigError(f"config: dataset must be one of {EMBEDDED} or an existing folder, got {cfg.dataset!r}")
-    flat = [s.name for s in scans if s.image.ndim != 3]
+def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> PreparedCorpus:
+    """The dataset as a prepared corpus, read crop by crop through memory maps.
+
+    An embedded name is prepared into the data cache on first use; a prepared corpus (a folder
+    with a manifest, from ``tcm-prepare``) is used as it is; a raw folder is prepared into
+    ``<out_dir>/corpus`` first (resumable: a later run with the same out_dir reuses it). Under DDP,
+    rank 0 prepares and the other ranks wait for it.
+    """
+    def prepare() -> PreparedCorpus:
+        if cfg.dataset in EMBEDDED:
+            return embedded_corpus(cfg.dataset, fallback=out / "corpus")
+        if PreparedCorpus.is_corpus(cfg.dataset):
+            return PreparedCorpus(cfg.dataset)
+        if pathlib.Path(cfg.dataset).is_dir():
+            report = prepare_corpus(cfg.dataset, out / "corpus", label_dir=cfg.label_dir,
+                                    label_names=cfg.label_names, workers=max(cfg.num_workers, 1), progress=False)
+            if report.failures or not report.rows:
+                print(report.summary(), file=sys.stderr)
+            return PreparedCorpus(out / "corpus")
+        raise ConfigError(f"config: dataset must be one of {EMBEDDED}, a prepared corpus or an existing folder, "
+                          f"got {cfg.dataset!r}")
+
+    distributed = dist.is_available() and dist.is_initialized()
+    corpus = prepare() if rank == 0 else None
+    if distributed:
+        dist.barrier()
+        corpus = corpus or prepare()  # rank 0 has prepared it: the others only read the manifest
+    flat = [row["source"] for row in corpus.rows if len(row["shape"]) != 3]
     if dim == 3 and flat:
         raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
                           f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
                           f"2-D encoder (resnet_tiny)")
     if method_class(cfg.method).needs_labels:
-        scans = [s for s in scans if s.labels is not None]
-        if not scans:
+        corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["labels"] is not None])
+        if not corpus.rows:
             raise ConfigError(f"config: method {cfg.method} needs scans with label maps for its prompts; dataset "
                               f"{cfg.dataset!r} has none (set label_dir for a folder dataset)")
-    return scans
+    return corpus
 
 
 class Trainer:
@@ -88,7 +110,7 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
-        scans = _scans(cfg, self.dim)
+        corpus = _corpus(cfg, self.dim, self.out, self.rank)
         self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1), dim=self.dim, in_channels=1,
                               decoder_width=cfg.decoder_width)
         set_backend(self.model, cfg.backend)
@@ -101,9 +123,10 @@ class Trainer:
         # DDP averages the gradients of the ranks; the unwrapped model serves no-grad passes and checkpoints.
         self.net = self.distribute(self.model)
         self.method: Method = method_class(cfg.method)(self)
-        saliency = self._saliency_provider(scans) if self.method.needs_saliency else None
+        saliency = self._stored_saliency(corpus) if self.method.needs_saliency else None
         stream = VolumeStream if self.dim == 3 else SliceStream
-        self.stream = stream(scans, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.data_wait_s = 0.0  # time train() spent waiting for batches (the loader's share of the steps)
         self.params = [*self.model.parameters(), *self.method.heads.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -129,16 +152,19 @@ class Trainer:
         t = (step - self.cfg.warmup_steps) / max(self.cfg.steps - self.cfg.warmup_steps, 1)
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-    def _saliency_provider(self, scans):
-        from ..localize import LabelTextLocalizer, SaliencyCache
+    def _stored_saliency(self, corpus: PreparedCorpus) -> str:
+        """Store the prompts' saliency beside the corpus's scans where it is missing; the localizer's key."""
+        from ..localize import LabelTextLocalizer
 
-        localizer, cache = LabelTextLocalizer(), SaliencyCache(self.out / "saliency_cache")
-
-        def provide(index: int, prompt: str) -> torch.Tensor:
-            scan = scans[index]
-            return cache.get(scan.name, prompt, localizer, scan.image, labels=scan.labels)
-
-        return provide
+        localizer = LabelTextLocalizer()
+        if self.rank == 0:
+            ensure_saliency(corpus.root, self.cfg.prompts, localizer)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        fresh = PreparedCorpus(corpus.root)  # the rows now list the stored saliency
+        by_id = {row["id"]: row for row in fresh.rows}
+        corpus.rows[:] = [by_id[row["id"]] for row in corpus.rows]
+        return localizer.cache_key
 
     def mask(self, scores: torch.Tensor, strategy: str, ratio: float, offset: int, **kw) -> torch.Tensor:
         """visible bool [B, N] from ``tcm_kernels.sample_mask`` (Philox seed = the run's seed)."""
@@ -170,9 +196,18 @@ class Trainer:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def batch(self, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch ``draw`` of this rank on the device: (images, saliency) [B, 1, *S] each."""
-        images, saliency = self.stream.batch(draw * self.world + self.rank, self.cfg.batch_size)
+    def batch(self, draw: int, batches=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``draw`` of this rank on the device: (images, saliency) [B, 1, *S] each.
+
+        ``batches``: the run's loader iterator, whose next batch is micro-batch ``draw`` (the loader and
+        the stream give the same items); without it the stream builds the batch here.
+        """
+        if batches is None:
+            images, saliency = self.stream.batch(draw * self.world + self.rank, self.cfg.batch_size)
+        else:
+            t0 = time.perf_counter()
+            images, saliency = next(batches)
+            self.data_wait_s += time.perf_counter() - t0
         return self._to_device(images), self._to_device(saliency)
 
     def autocast(self):
@@ -180,10 +215,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def compute_loss(self, step: int, draw: int | None = None) -> dict[str, torch.Tensor]:
-        """The method's loss terms of micro-batch ``draw`` (default: ``step``) at optimiser step ``step``."""
+    def compute_loss(self, step: int, draw: int | None = None, batches=None) -> dict[str, torch.Tensor]:
+        """The method's loss terms of micro-batch ``draw`` (default: ``step``) at optimiser step ``step``
+        (the batch from ``batches``, the loader's iterator, if given)."""
         draw = step if draw is None else draw
-        images, saliency = self.batch(draw)
+        images, saliency = self.batch(draw, batches)
         with self.autocast():
             return self.method.loss(images, saliency, step, draw)
 
@@ -267,8 +303,10 @@ class Trainer:
                 stack.enter_context(net.no_sync())
         return stack
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, batches=None) -> dict[str, float]:
         """One optimiser step at ``self.step``: its loss terms (mean over the micro-batches) and gradient norm.
+
+        ``batches``: the loader's iterator over micro-batches (:meth:`train`); default: the stream.
 
         Host synchronisation: one copy of the loss terms and the gradient norm to the host, after
         backward and before the update (the non-finite guard needs them, and so does the log).
@@ -279,7 +317,7 @@ class Trainer:
         total = None
         for k in range(accum):
             with self._no_sync() if k < accum - 1 else contextlib.nullcontext():
-                losses = self.compute_loss(self.step, self.step * accum + k)
+                losses = self.compute_loss(self.step, self.step * accum + k, batches)
                 self.scaler.scale(losses["loss"] / accum).backward()
             terms = torch.stack([losses[t].detach().float() for t in LOSS_TERMS])
             total = terms if total is None else total + terms
@@ -350,10 +388,16 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = _progress(total=cfg.steps, initial=self.step, enabled=progress and lead)
         self.model.train()
+        accum = cfg.grad_accum_steps
+        # The loader numbers micro-batches (step * grad_accum_steps + k). Only the iterator is kept:
+        # deleting it below stops the (persistent) worker processes.
+        batches = iter(build_loader(self.stream, cfg.batch_size, self.step * accum, end * accum, rank=self.rank,
+                                    world=self.world, num_workers=cfg.num_workers,
+                                    prefetch_factor=cfg.prefetch_factor, pin_memory=self.device.type == "cuda"))
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                values = self.train_step()
+                values = self.train_step(batches)
                 rate = cfg.batch_size * cfg.grad_accum_steps / (time.perf_counter() - t0)
                 row = {"step": self.step, **{k: f"{v:.6g}" for k, v in values.items()},
                        "lr": f"{self.scheduler.get_last_lr()[0]:.6g}", "mask_ratio": f"{cfg.ratio_at(self.step):.4g}",
@@ -377,6 +421,7 @@ class Trainer:
                         os.fsync(f.fileno())
                     self.save_checkpoint()
         finally:
+            del batches
             if f is not None:
                 f.close()
             if bar is not None:
