@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from dataclasses import dataclass
 
 SEMI_MODES = ("none", "mean_teacher", "corn")
@@ -29,7 +30,7 @@ class FinetuneConfig:
     dfp_weight: float = 0.1  # corn: similarity-matrix consistency against the dynamic feature pool
     rampup_steps: int = 40  # sigmoid ramp-up exp(-5 (1 - t)^2) of every unlabelled term
     ema: float = 0.99  # teacher decay (Tarvainen & Valpola: min(1 - 1 / (step + 1), ema))
-    tau: float = 0.8  # corn: teacher confidence above which an unlabelled feature is kept (CCM and the pool)
+    tau: float = 0.6  # corn: teacher confidence above which an unlabelled feature is kept (CCM and the pool)
     pool_size: int = 2048  # corn: rows in the dynamic feature pool (a tcm_kernels.CovarianceQueue)
     similarity_temperature: float = 0.1  # corn: temperature of the cosine-similarity softmax of the DFP term
     max_rows: int = 1024  # corn: feature rows per class (CCM) and per step (DFP), subsampled beyond it
@@ -39,7 +40,7 @@ class FinetuneConfig:
     steps: int = 200
     batch_size: int = 4  # labelled images per step
     unlabelled_batch_size: int = 4  # unlabelled images per step (mean_teacher, corn)
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     seed: int = 0  # initialisation, batches, perturbations and which training samples keep labels
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
@@ -52,6 +53,11 @@ class FinetuneConfig:
         def fail(name: str, expected: str) -> None:
             raise ValueError(f"FinetuneConfig: {name} must be {expected}, got {getattr(self, name)!r}")
 
+        if self.task != "chest_ct" and not pathlib.Path(self.task).is_dir():
+            fail("task", "'chest_ct' or an existing folder")
+        if self.task != "chest_ct" and self.label_dir is None:
+            raise ValueError(f"FinetuneConfig: label_dir is required for the folder task {self.task!r} (label maps "
+                             f"with the images' names)")
         if self.semi not in SEMI_MODES:
             fail("semi", f"one of {SEMI_MODES}")
         if self.dim not in (2, 3):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import EMBEDDED, FolderDataset, normalize_intensity
+from ..data import FolderDataset, normalize_intensity
 from ..eval.tasks import _pad_to, _split, chest_organ_volume
 from .config import FinetuneConfig
 
@@ -76,18 +76,10 @@ def _labelled_groups(groups: list[int], fraction: float, need_unlabelled: bool, 
 
 def _volumes(cfg: FinetuneConfig):
     """[(image float32 [D, S, S], classes int64 [D, S, S])], class names, per-volume (train, test) slices."""
-    if cfg.task in EMBEDDED:
-        if cfg.task != "chest_ct":
-            raise ValueError(f"FinetuneConfig: task must be 'chest_ct' (the embedded organ segmentation task) or a "
-                             f"folder, got {cfg.task!r}")
+    if cfg.task == "chest_ct":
         volume, target, classes, train, test = chest_organ_volume(cfg.image_size)
         return [(volume, target)], classes, [(train, test)], [0]
     root = pathlib.Path(cfg.task)
-    if not root.is_dir():
-        raise ValueError(f"FinetuneConfig: task must be 'chest_ct' or an existing folder, got {cfg.task!r}")
-    if cfg.label_dir is None:
-        raise ValueError(f"FinetuneConfig: label_dir is required for the folder task {cfg.task!r} (label maps "
-                         f"with the images' names)")
     scans = FolderDataset(root, label_dir=cfg.label_dir, label_names=cfg.label_names).scans
     ids = sorted({int(i) for s in scans for i in np.unique(s.label_map)} - {0})
     if not ids:
