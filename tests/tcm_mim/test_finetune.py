@@ -170,6 +170,19 @@ def test_folder_task_splits_by_scan(tmp_path):
                                                                                                     "label_4"}
 
 
+def test_report_pairs_and_bootstrap(tmp_path):
+    from tcm_mim.finetune.report import bootstrap_interval, write_report
+
+    lo, hi = bootstrap_interval([0.1, 0.2, 0.3])
+    assert 0.1 <= lo < 0.2 < hi <= 0.3
+    assert bootstrap_interval([0.05, 0.05]) == (pytest.approx(0.05), pytest.approx(0.05))
+    scores = {(0.1, "random"): {"none": [0.2, 0.3, 0.4], "mean_teacher": [0.25, 0.3, 0.5], "corn": [0.2, 0.4, 0.4]}}
+    text = write_report(scores, tmp_path, title="t")
+    assert "| 0.1 | random | 0.300 ± 0.100 | 0.350 ± 0.132 | 0.333 ± 0.115 |" in text
+    assert "+0.050 +0.000 +0.100; +0.050 [" in text  # mean_teacher - none, per seed, then the mean
+    assert json.loads((tmp_path / "results.json").read_text())["0.1|random"]["corn"] == [0.2, 0.4, 0.4]
+
+
 def test_pretrained_encoder_is_loaded_weights_only(tmp_path):
     torch.manual_seed(0)
     model = SparKMIM(build_encoder("resnet_tiny"), decoder_width=16)
@@ -188,6 +201,7 @@ def test_pretrained_encoder_is_loaded_weights_only(tmp_path):
     (["--tau", "1.5"], "tau must be in"),
     (["--task", "/nonexistent"], "task must be 'chest_ct' or an existing folder"),
     (["--task", "/tmp"], "label_dir is required"),
+    (["--device", "gpu0"], "device must be auto, cpu, cuda"),
 ])
 def test_cli_errors(tmp_path, args, match, capsys):
     with pytest.raises(SystemExit) as err:

@@ -58,6 +58,15 @@ class FinetuneConfig:
         if self.task != "chest_ct" and self.label_dir is None:
             raise ValueError(f"FinetuneConfig: label_dir is required for the folder task {self.task!r} (label maps "
                              f"with the images' names)")
+        if self.device != "auto":
+            import torch
+
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                fail("device", "auto, cpu, cuda or cuda:<index>")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                fail("device", "available (CUDA is not, here)")
         if self.semi not in SEMI_MODES:
             fail("semi", f"one of {SEMI_MODES}")
         if self.dim not in (2, 3):
