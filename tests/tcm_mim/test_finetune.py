@@ -171,7 +171,7 @@ def test_folder_task_splits_by_scan(tmp_path):
 
 
 def test_report_pairs_and_bootstrap(tmp_path):
-    from tcm_mim.finetune.report import bootstrap_interval, write_report
+    from tcm_mim.finetune.report import bootstrap_interval, parse_arm, write_report
 
     lo, hi = bootstrap_interval([0.1, 0.2, 0.3])
     assert 0.1 <= lo < 0.2 < hi <= 0.3
@@ -181,6 +181,12 @@ def test_report_pairs_and_bootstrap(tmp_path):
     assert "| 0.1 | random | 0.300 ± 0.100 | 0.350 ± 0.132 | 0.333 ± 0.115 |" in text
     assert "+0.050 +0.000 +0.100; +0.050 [" in text  # mean_teacher - none, per seed, then the mean
     assert json.loads((tmp_path / "results.json").read_text())["0.1|random"]["corn"] == [0.2, 0.4, 0.4]
+    scores[(0.1, "random")]["corn_low_tau"] = [0.3, 0.3, 0.4]
+    assert "corn_low_tau − mean_teacher" in write_report(scores, tmp_path, title="t")
+    assert parse_arm("corn_low_tau:semi=corn,tau=0.3") == ("corn_low_tau", {"semi": "corn", "tau": 0.3})
+    for bad in ("corn:tau=0.3", "x:tau=0.3", "x:semi=corn,nope=1", "x"):
+        with pytest.raises(ValueError, match="arm"):
+            parse_arm(bad)
 
 
 def test_pretrained_encoder_is_loaded_weights_only(tmp_path):
