@@ -15,6 +15,7 @@ from tcm_mim.finetune.cli import main as finetune_main
 from tcm_mim.finetune.data import build_split
 from tcm_mim.finetune.model import load_pretrained_encoder
 from tcm_mim.models import SparKMIM, build_encoder
+from tcm_mim.train import checkpoint
 
 
 def test_ccm_gradients_match_finite_differences():
@@ -192,8 +193,8 @@ def test_report_pairs_and_bootstrap(tmp_path):
 def test_pretrained_encoder_is_loaded_weights_only(tmp_path):
     torch.manual_seed(0)
     model = SparKMIM(build_encoder("resnet_tiny"), decoder_width=16)
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "config": {"encoder": "resnet_tiny", "dim": None}}, path)
+    path = checkpoint.save({"model": model.state_dict(), "config": {"encoder": "resnet_tiny", "dim": None}},
+                           tmp_path / "checkpoint.pt")
     enc = load_pretrained_encoder(path, "resnet_tiny", 2)
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(enc.state_dict()[key], value)
@@ -208,8 +209,10 @@ def test_pretrained_encoder_is_loaded_weights_only(tmp_path):
     (["--task", "/nonexistent"], "task must be 'chest_ct' or an existing folder"),
     (["--task", "/tmp"], "label_dir is required"),
     (["--device", "gpu0"], "device must be auto, cpu, cuda"),
+    (["--image-size", "48"], "image_size must be a multiple of encoder 'resnet_tiny''s stride 32, got 48"),
+    (["--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt does not exist"),
 ])
 def test_cli_errors(tmp_path, args, match, capsys):
-    with pytest.raises(SystemExit) as err:
-        finetune_main([*args, "--out-dir", str(tmp_path)])
-    assert err.value.code == 2 and match in capsys.readouterr().err
+    assert finetune_main([*args, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tcm-finetune: error:") and match in err and len(err.strip().splitlines()) == 1

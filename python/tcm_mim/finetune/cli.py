@@ -19,7 +19,9 @@ import dataclasses
 import json
 import sys
 import typing
+from collections.abc import Sequence
 
+from ..cli.common import ArgumentParser, run
 from .config import SEMI_MODES, FinetuneConfig
 from .trainer import finetune
 
@@ -27,7 +29,7 @@ _HELP = {"semi": f"one of {', '.join(SEMI_MODES)}"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tcm-finetune", description=__doc__,
+    parser = ArgumentParser(prog="tcm-finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
@@ -40,18 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = vars(parser.parse_args(argv))
+def _main(argv: Sequence[str] | None) -> int:
+    args = vars(_parser().parse_args(argv))
     progress = args.pop("progress")
-    try:
-        cfg = FinetuneConfig(**args)
-    except ValueError as err:
-        parser.error(str(err))
+    cfg = FinetuneConfig(**args)  # a wrong value is a UserError: one line, exit 2
     result = finetune(cfg, progress=progress)
     print(json.dumps({"dice": result["dice"], "per_class": result["scores"]["student"]["per_class"],
                       "sizes": result["sizes"], "out_dir": cfg.out_dir}, indent=1))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tcm-finetune``: errors in arguments, config values or data are one stderr line and exit status 2."""
+    return run("tcm-finetune", _main, argv)
 
 
 if __name__ == "__main__":

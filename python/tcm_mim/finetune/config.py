@@ -6,6 +6,8 @@ import dataclasses
 import pathlib
 from dataclasses import dataclass
 
+from ..errors import UserError
+
 SEMI_MODES = ("none", "mean_teacher", "corn")
 
 
@@ -51,12 +53,12 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
-            raise ValueError(f"FinetuneConfig: {name} must be {expected}, got {getattr(self, name)!r}")
+            raise UserError(f"FinetuneConfig: {name} must be {expected}, got {getattr(self, name)!r}")
 
         if self.task != "chest_ct" and not pathlib.Path(self.task).is_dir():
             fail("task", "'chest_ct' or an existing folder")
         if self.task != "chest_ct" and self.label_dir is None:
-            raise ValueError(f"FinetuneConfig: label_dir is required for the folder task {self.task!r} (label maps "
+            raise UserError(f"FinetuneConfig: label_dir is required for the folder task {self.task!r} (label maps "
                              f"with the images' names)")
         if self.device != "auto":
             import torch

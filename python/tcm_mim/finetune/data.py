@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data import FolderDataset, normalize_intensity
+from ..errors import UserError
 from ..eval.tasks import _pad_to, _split, chest_organ_volume
 from .config import FinetuneConfig
 
@@ -68,7 +69,7 @@ def _labelled_groups(groups: list[int], fraction: float, need_unlabelled: bool, 
     distinct = sorted(set(groups))
     n = max(1, round(fraction * len(distinct)))
     if need_unlabelled and n >= len(distinct):
-        raise ValueError(f"label_fraction {fraction} keeps labels on all {len(distinct)} training groups, "
+        raise UserError(f"label_fraction {fraction} keeps labels on all {len(distinct)} training groups, "
                          f"none is left unlabelled; lower label_fraction or use semi=none")
     order = np.random.default_rng(seed).permutation(len(distinct))
     return {distinct[i] for i in order[:n]}
@@ -83,7 +84,7 @@ def _volumes(cfg: FinetuneConfig):
     scans = FolderDataset(root, label_dir=cfg.label_dir, label_names=cfg.label_names).scans
     ids = sorted({int(i) for s in scans for i in np.unique(s.label_map)} - {0})
     if not ids:
-        raise ValueError(f"FinetuneConfig: the label maps under {cfg.label_dir} hold no foreground label")
+        raise UserError(f"FinetuneConfig: the label maps under {cfg.label_dir} hold no foreground label")
     names = {i: n for s in scans for i, n in s.label_names.items()}
     lut = np.zeros(max(ids) + 1, dtype=np.int64)
     lut[ids] = np.arange(1, len(ids) + 1)
@@ -92,7 +93,7 @@ def _volumes(cfg: FinetuneConfig):
         image, labels = normalize_intensity(s.image, s.modality), lut[s.label_map]
         if image.ndim == 2:
             if cfg.dim == 3:
-                raise ValueError(f"FinetuneConfig: dim 3 needs volumes, but {s.name} is 2-D")
+                raise UserError(f"FinetuneConfig: dim 3 needs volumes, but {s.name} is 2-D")
             image, labels = image[None], labels[None]
         vols.append((_pad_to(image, cfg.image_size), _pad_to(labels, cfg.image_size)))
     classes = ("background", *(names.get(i, f"label_{i}") for i in ids))
@@ -116,7 +117,7 @@ def build_split(cfg: FinetuneConfig) -> SegmentationSplit:
         test.extend(_samples(volume, target, te, cfg.dim, cfg.depth, cfg.depth))
     if not train or not test:
         what = f"{cfg.depth}-slice slabs" if cfg.dim == 3 else "slices with foreground"
-        raise ValueError(f"FinetuneConfig: the split of {cfg.task!r} has {len(train)} training and {len(test)} test "
+        raise UserError(f"FinetuneConfig: the split of {cfg.task!r} has {len(train)} training and {len(test)} test "
                          f"{what}; both need at least one (lower depth, or add scans)")
     if len(set(groups)) < 2:  # one training scan: label slices / slabs, not scans
         groups = list(range(len(train)))

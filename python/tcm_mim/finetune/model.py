@@ -11,7 +11,9 @@ from torch import nn
 
 from ..models import build_encoder, export_dense
 from ..models.spark import LightDecoder
-from ..train.config import is_3d_encoder
+from ..errors import UserError
+from ..train import checkpoint
+from ..train.config import config_from_dict
 
 
 class SegmentationNet(nn.Module):
@@ -50,20 +52,23 @@ class SegmentationNet(nn.Module):
 
 
 def load_pretrained_encoder(path: str | os.PathLike, encoder: str, dim: int) -> nn.Module:
-    """The sparse encoder of a ``tcm-pretrain`` checkpoint (loaded with ``weights_only=True``).
+    """The sparse encoder of a ``tcm-pretrain`` checkpoint (digest verified, loaded with ``weights_only=True``
+    by :func:`tcm_mim.train.checkpoint.load`).
 
-    Raises ValueError when the checkpoint's encoder name or spatial dims differ from ``encoder``/``dim``.
+    Raises :class:`~tcm_mim.errors.UserError` when the checkpoint's encoder name or spatial dims differ from
+    ``encoder``/``dim``, :class:`~tcm_mim.train.checkpoint.CheckpointError` when its weights do not fit.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = state.get("config", {}) if isinstance(state, dict) else {}
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"load_pretrained_encoder: {path} is not a tcm-pretrain checkpoint (no 'model' entry)")
-    name = cfg.get("encoder", encoder)
-    ck_dim = cfg.get("dim") or (3 if is_3d_encoder(name) else 2)
-    if name != encoder or ck_dim != dim:
-        raise ValueError(f"load_pretrained_encoder: {path} holds a {ck_dim}-D {name!r} encoder, but the fine-tuning "
-                         f"config asks for a {dim}-D {encoder!r}; set encoder={name} dim={ck_dim}")
+    state = checkpoint.load(path, required=("model", "config"))
+    cfg = config_from_dict(state["config"], source=str(path))
+    if cfg.encoder != encoder or cfg.spatial_dims != dim:
+        raise UserError(f"load_pretrained_encoder: {path} holds a {cfg.spatial_dims}-D {cfg.encoder!r} encoder, but "
+                        f"the fine-tuning config asks for a {dim}-D {encoder!r}; set encoder={cfg.encoder} "
+                        f"dim={cfg.spatial_dims}")
     model = build_encoder(encoder, dim=dim, in_channels=1)
     weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # missing / unexpected keys or shapes: the file does not match its config
+        raise checkpoint.CheckpointError(f"checkpoint {path}: its encoder weights do not fit a {dim}-D {encoder!r}: "
+                                         f"{str(err).splitlines()[0]}") from None
     return model

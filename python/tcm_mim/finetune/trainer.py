@@ -20,7 +20,8 @@ import time
 import torch
 
 from ..models import build_encoder
-from ..train.trainer import atomic_save
+from ..train import checkpoint
+from ..errors import UserError
 from .config import FinetuneConfig
 from .data import SegmentationSplit, build_split
 from .losses import (DynamicFeaturePool, ccm_loss, consistency_loss, ema_update, feature_rows, perturb,
@@ -68,7 +69,7 @@ class FineTuner:
         self.device = resolve_device(cfg.device)
         self.split = split if split is not None else build_split(cfg)
         if cfg.semi != "none" and len(self.split.unlabelled_images) == 0:
-            raise ValueError(f"FinetuneConfig: semi={cfg.semi!r} needs unlabelled samples, the split has none")
+            raise UserError(f"FinetuneConfig: semi={cfg.semi!r} needs unlabelled samples, the split has none")
         torch.manual_seed(cfg.seed)  # the random initialisation (decoder, and the encoder without a checkpoint)
         if cfg.checkpoint:
             encoder = load_pretrained_encoder(cfg.checkpoint, cfg.encoder, cfg.dim)
@@ -77,6 +78,11 @@ class FineTuner:
         self.num_classes = len(self.split.classes)
         self.student = SegmentationNet(encoder, self.num_classes, dim=cfg.dim,
                                        decoder_width=cfg.decoder_width).to(self.device)
+        sizes = {"image_size": cfg.image_size, **({"depth": cfg.depth} if cfg.dim == 3 else {})}
+        for name, value in sizes.items():
+            if value % self.student.stride:
+                raise UserError(f"FinetuneConfig: {name} must be a multiple of encoder {cfg.encoder!r}'s stride "
+                                f"{self.student.stride}, got {value}")
         self.teacher = None
         if cfg.uses_teacher:
             self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
@@ -189,7 +195,7 @@ class FineTuner:
                         print(f"step {self.step}/{cfg.steps} loss {row['loss']:.4f} sup {row['supervised']:.4f} "
                               f"cons {row['consistency']:.4f} ccm {row['ccm']:.4g} dfp {row['dfp']:.4g}", flush=True)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    atomic_save(self.state_dict(), self.out / "checkpoint.pt")
+                    checkpoint.save(self.state_dict(), self.out / "checkpoint.pt")
         train_s = time.perf_counter() - start
         scores = self.evaluate()
         result = {"config": cfg.to_dict(), "classes": list(self.split.classes), "sizes": self.split.sizes(),
