@@ -216,3 +216,25 @@ def test_cli_errors(tmp_path, args, match, capsys):
     assert finetune_main([*args, "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tcm-finetune: error:") and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_corn_step_wires_ccm_and_pool_to_the_teachers_confident_sites(tmp_path):
+    from tcm_mim.finetune import FineTuner
+
+    cfg = FinetuneConfig(semi="corn", image_size=64, steps=2, batch_size=2, unlabelled_batch_size=2, rampup_steps=0,
+                         out_dir=str(tmp_path))
+    ft = FineTuner(cfg)
+
+    def sure_teacher():  # sure of "background" everywhere: every unlabelled site is confident class 0
+        with torch.no_grad():
+            ft.teacher.classifier.bias.copy_(torch.tensor([50.0] + [0.0] * (ft.num_classes - 1)))
+
+    sure_teacher()
+    row = ft.train_step()
+    sites = 2 * (64 // ft.student.stem_stride) ** 2
+    assert row["confident_rows"] == sites and row["pool_rows"] == sites
+    assert row["ccm"] > 0  # labelled background rows meet the confident unlabelled rows
+    assert row["dfp"] == 0.0  # the pool was empty before this step's push
+    sure_teacher()  # the EMA update of step 0 made the teacher a copy of the student
+    row = ft.train_step()
+    assert row["dfp"] > 0 and row["pool_rows"] == 2 * sites
