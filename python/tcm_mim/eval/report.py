@@ -31,7 +31,8 @@ import torch
 
 from ..cli.common import ArgumentParser, run
 from ..data import PreparedCorpus, normalize_intensity, prepare_corpus
-from ..data.split import SPLIT_FILE, SplitManifest, label_subset
+from ..data import load_embedded
+from ..data.split import SCORED, SPLIT_FILE, SplitManifest, embedded_split, label_subset
 from ..data.split import folds as split_folds
 from ..errors import UserError
 from ..models import SparKMIM, build_encoder
@@ -327,6 +328,23 @@ def _evaluate_volumes(encoder, scans, splits, *, fractions, seeds, probe_steps, 
     return results
 
 
+def check_embedded_split(checkpoint_path: pathlib.Path, dataset: str) -> None:
+    """Refuse to test a checkpoint pretrained on an embedded volume unless its ``split.json`` held out the
+    very blocks the embedded tasks test on (a run from before the manifest read the test block)."""
+    if dataset not in SCORED:
+        return
+    path = checkpoint_path.parent / SPLIT_FILE
+    if not path.is_file():
+        raise UserError(f"tcm-eval: {checkpoint_path} was pretrained on {dataset} without a split manifest ({path} "
+                        f"is missing): its pretraining may have read the test block; pretrain it again")
+    scan = load_embedded(dataset)[0]
+    want = embedded_split(dataset, "_", scan.label_map, scan.label_names).blocks["_"]
+    held = [b for blocks in SplitManifest.load(path).blocks.values() for b in blocks]
+    if not all(b in held for b in want):
+        raise UserError(f"tcm-eval: {path} held out blocks {held} of {dataset}, but the evaluation tests on {want}: "
+                        f"pretraining read test slices")
+
+
 def _pretrained_on(checkpoint_path: pathlib.Path) -> list[str]:
     path = checkpoint_path.parent / SPLIT_FILE
     if not path.is_file():
@@ -419,6 +437,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.checkpoint:
         encoder, cfg = _encoder_from_checkpoint(pathlib.Path(args.checkpoint))  # before the tasks: fail fast
+        check_embedded_split(pathlib.Path(args.checkpoint), cfg.dataset)
         scores = evaluate(encoder, embedded_tasks(cfg.spatial_dims), probe_steps=args.probe_steps,
                           finetune_steps=args.finetune_steps, seed=0, dim=cfg.spatial_dims, roi=cfg.image_size)
         path = write_report({"checkpoint": [scores]}, out, steps=None, seeds=[0],
