@@ -14,12 +14,9 @@ import math
 import torch
 from torch import nn
 
-from ..ops.submconv import (
-    sparse_downsample,
-    sparse_downsample_compact,
-    submanifold_conv,
-    submanifold_conv_compact,
-)
+from ..ops.downsample import sparse_downsample, sparse_downsample_compact
+from ..ops.submconv import submanifold_conv
+from ..ops.submconv_compact import submanifold_conv_compact
 from ..sparse_tensor import SparseTensor
 
 

@@ -29,29 +29,39 @@ import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, check_real, check_same_device, check_tensor
+from .._core import shapes
 from ..reference import recon_loss as _ref
+from ._library import register
 
 _OP = "masked_recon_loss"
 
 
-@torch.library.register_fake("tcm::recon_loss_forward")
-def _forward_fake(pred, target, patch_size, norm_pix, eps):
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    n = math.prod([s // p for s, p in zip(pred.shape[2:], patch_size)])
-    return pred.new_empty((pred.shape[0], n), dtype=acc)
+@torch.library.custom_op("tcm::recon_loss_forward_triton", mutates_args=())
+def _forward_triton(pred: torch.Tensor, target: torch.Tensor, patch_size: list[int], norm_pix: bool,
+                    eps: float) -> torch.Tensor:
+    """Triton back end of ``tcm::recon_loss_forward``; triton is imported on first use."""
+    from ..triton.recon_loss import recon_loss_forward
+
+    return recon_loss_forward(pred, target, patch_size, norm_pix, eps)
 
 
-@torch.library.register_fake("tcm::recon_loss_backward")
-def _backward_fake(grad_per_patch, pred, target, patch_size, norm_pix, eps):
-    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+@torch.library.custom_op("tcm::recon_loss_backward_triton", mutates_args=())
+def _backward_triton(grad_per_patch: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, patch_size: list[int],
+                     norm_pix: bool, eps: float) -> torch.Tensor:
+    """Triton back end of ``tcm::recon_loss_backward``."""
+    from ..triton.recon_loss import recon_loss_backward
+
+    return recon_loss_backward(grad_per_patch, pred, target, patch_size, norm_pix, eps)
+
+
+for _suffix in ("", "_triton"):
+    register(f"recon_loss_forward{_suffix}", shapes.recon_loss_forward)
+    register(f"recon_loss_backward{_suffix}", shapes.recon_loss_backward)
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton import recon_loss as tri
-
-        return tri.recon_loss_forward, tri.recon_loss_backward
-    return torch.ops.tcm.recon_loss_forward, torch.ops.tcm.recon_loss_backward
+    suffix = "_triton" if backend == "triton" else ""
+    return getattr(torch.ops.tcm, f"recon_loss_forward{suffix}"), getattr(torch.ops.tcm, f"recon_loss_backward{suffix}")
 
 
 class _PerPatchLoss(torch.autograd.Function):

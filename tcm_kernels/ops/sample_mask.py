@@ -86,6 +86,20 @@ def _philox_fake(counters, seed):
     return torch.empty_like(counters)
 
 
+@torch.library.custom_op("tcm::sample_mask_triton", mutates_args=())
+def _sample_mask_triton(scores: torch.Tensor, num_masked: int, strategy: str, seed: int, offset: int,
+                        temperature: float, roi_threshold: float, roi_mask_ratio: float,
+                        hard_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton back end of ``tcm::sample_mask`` (same schema); triton is imported on first use."""
+    from ..triton.sample_mask import sample_mask_triton
+
+    return sample_mask_triton(scores, num_masked, strategy, seed, offset, temperature, roi_threshold, roi_mask_ratio,
+                              hard_fraction)
+
+
+_sample_mask_triton.register_fake(_sample_mask_fake)
+
+
 def _num_masked(mask_ratio: float | torch.Tensor, b: int, n: int) -> int:
     if isinstance(mask_ratio, torch.Tensor):
         if mask_ratio.dim() != 1 or mask_ratio.shape[0] != b:
@@ -173,9 +187,7 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
     if chosen == "reference":
         out = tuple(t.to(scores.device) for t in _ref.sample_mask(s32, *args))
     elif chosen == "triton":
-        from ..triton.sample_mask import sample_mask_triton
-
-        out = sample_mask_triton(s32, *args)
+        out = torch.ops.tcm.sample_mask_triton(s32, *args)
     else:
         out = torch.ops.tcm.sample_mask(s32, *args)
     return MaskSample(*out)

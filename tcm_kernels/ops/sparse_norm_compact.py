@@ -30,15 +30,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._core.dtypes import accumulation_dtype
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .sparse_norm import _all_reduce, _group_moments
 
 _REDUCED = (torch.float16, torch.bfloat16)
 _NO_ACTIVE_SITE = "the batch has no active site; batch statistics are undefined"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_features(op: str, features: torch.Tensor, weight, bias) -> None:
@@ -87,7 +84,7 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, bias, eps, group):
-        acc = _acc_dtype(features.dtype)
+        acc = accumulation_dtype(features.dtype)
         xf = features.to(acc)
         rows = features.shape[0]
         if rows:
@@ -139,7 +136,7 @@ class _SegmentNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, seg, batch_size, groups, weight, bias, eps):
-        acc = _acc_dtype(features.dtype)
+        acc = accumulation_dtype(features.dtype)
         rows, c = features.shape
         xf = features.to(acc)
         rows_per_sample = xf.new_zeros(batch_size, 1).index_add_(0, seg, xf.new_ones(rows, 1))
@@ -248,7 +245,7 @@ def compact_batch_norm(features: torch.Tensor, running_mean: torch.Tensor | None
                          running_var if native_update else None, True, momentum, eps, False)
     if running_mean is not None and not native_update:
         with torch.no_grad():
-            var, mean = torch.var_mean(features.to(_acc_dtype(features.dtype)), 0, correction=0)
+            var, mean = torch.var_mean(features.to(accumulation_dtype(features.dtype)), 0, correction=0)
         _update_running(running_mean, running_var, mean, var, rows, momentum)
     return y
 

@@ -44,3 +44,17 @@ def sparse_downsample(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     mask_out = downsample_mask(mask, s)
     y = _CONV[nd](x * mask.to(x.dtype), weight, bias, stride=s)
     return y * mask_out.to(y.dtype), mask_out
+
+
+def submanifold_conv_compact(features: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, dilation: int | tuple[int, ...] = 1,
+                             groups: int = 1) -> torch.Tensor:
+    """Compact rows features [N, C] at ``sites`` of ``grid`` [B, *S]: scatter to masked-dense, dense conv, gather.
+
+    -> [N, Cout], row i at the site of input row i.
+    """
+    batch, *spatial = grid.shape
+    dense = features.new_zeros((grid.numel(), features.shape[1])).index_copy(0, sites, features)
+    x = dense.reshape(batch, *spatial, -1).movedim(-1, 1)
+    y = submanifold_conv(x, (grid >= 0).unsqueeze(1), weight, bias, dilation=dilation, groups=groups)
+    return y.movedim(1, -1).reshape(grid.numel(), -1).index_select(0, sites)

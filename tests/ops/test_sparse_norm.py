@@ -337,9 +337,8 @@ def test_opcheck_compiled(name, dtype):
                                   "masked_norm_backward"])
 def test_opcheck_triton(name):
     pytest.importorskip("triton")
-    from tcm_kernels.triton import sparse_norm as tri  # noqa: F401  (registers tcm_triton ops)
 
-    torch.library.opcheck(getattr(torch.ops.tcm_triton, name), _op_samples(torch.float32)[name],
+    torch.library.opcheck(getattr(torch.ops.tcm, f"{name}_triton"), _op_samples(torch.float32)[name],
                           test_utils=("test_schema", "test_faketensor"))
 
 
