@@ -48,3 +48,20 @@ def test_sibling_kernel_packages_are_flagged():
     edges = {"tcm_kernels.triton.sample_mask": {"tcm_kernels.reference.sample_mask"},
              "tcm_kernels.reference.sample_mask": set()}
     assert len(ig.violations(edges)) == 1
+
+
+@pytest.mark.parametrize("name, home", [("transposed_kernel", "tcm_kernels._core.geometry"),
+                                        ("space_to_depth", "tcm_kernels._core.geometry"),
+                                        ("is_patch_aligned", "tcm_kernels.experimental"),
+                                        ("prefer_patch_path", "tcm_kernels.experimental"),
+                                        ("submanifold_conv_compact", "tcm_kernels")])
+def test_moved_names_still_resolve_with_a_warning(name, home):
+    import importlib
+
+    from tcm_kernels.ops import submconv
+
+    with pytest.warns(DeprecationWarning, match=f"use {home}.{name}"):
+        moved = getattr(submconv, name)
+    assert moved is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError):
+        submconv.no_such_name  # noqa: B018

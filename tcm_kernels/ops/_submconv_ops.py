@@ -76,6 +76,9 @@ for _suffix in ("", "_triton"):
 
 
 def conv_op(layout: str, backend: str):
-    """``torch.ops.tcm`` forward op of a layout (``"dense"`` | ``"compact"``) on ``backend`` (``"cpu"`` | ``"triton"``)."""
+    """The ``torch.ops.tcm`` forward op of a layout (``"dense"`` | ``"compact"``) on a back end.
+
+    ``"triton"`` selects the Triton twin; ``"cpu"`` and ``"cuda"`` the compiled op (its CPU or CUDA kernel).
+    """
     name = "submconv_forward" if layout == "dense" else "submconv_compact_forward"
     return getattr(torch.ops.tcm, name + ("_triton" if backend == "triton" else ""))

@@ -103,8 +103,10 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
         visible: bool [B, N], True = kept patch; N = prod(S_i / p_i). The loss is
             over the masked patches (~visible).
         patch_size: int or one int per spatial dim; must divide the spatial shape.
-        norm_pix: normalize each target patch by its mean and unbiased variance.
-        eps: added to the variance inside the square root.
+        norm_pix: bool (TypeError otherwise); normalize each target patch by its mean and
+            unbiased variance.
+        eps: added to the variance inside the square root; finite, > 0 when norm_pix (a
+            constant patch would divide 0 by 0), >= 0 otherwise.
         backend: force ``"reference" | "cpu" | "triton"``.
 
     Returns:
@@ -118,6 +120,8 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
         raise ValueError(f"{_OP}: target must match pred in shape and dtype {tuple(pred.shape)} {pred.dtype}, "
                          f"got {tuple(target.shape)} {target.dtype}")
     check_same_device(_OP, pred=pred, target=target, visible=visible)
+    if not isinstance(norm_pix, bool):  # a truthy string such as "no" must not switch normalization on
+        raise TypeError(f"{_OP}: norm_pix must be a bool, got {type(norm_pix).__name__} {norm_pix!r}")
     ps = _patch_tuple(patch_size, tuple(pred.shape[2:]))
     n = math.prod([s // p for s, p in zip(pred.shape[2:], ps)])
     if tuple(visible.shape) != (pred.shape[0], n):
@@ -126,11 +130,12 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
     if norm_pix and pred.shape[1] * math.prod(ps) < 2:
         raise ValueError(f"{_OP}: norm_pix needs at least 2 elements per patch (unbiased variance), "
                          f"got C * prod(patch_size) = {pred.shape[1] * math.prod(ps)}")
-    eps = check_real(_OP, "eps", eps, low=0.0)
+    # With norm_pix, eps = 0 divides a constant patch (variance 0) by 0: NaN. Without it eps is unused.
+    eps = check_real(_OP, "eps", eps, low=0.0, high=float("inf"), low_open=norm_pix, high_open=True)
     chosen = _backend.choose_backend("recon_loss_forward", pred.device, backend)
     if chosen == "reference":
-        return _ref.masked_recon_loss(pred, target, visible, tuple(ps), bool(norm_pix), eps)
-    per_patch = _PerPatchLoss.apply(pred, target, ps, bool(norm_pix), eps, chosen)
+        return _ref.masked_recon_loss(pred, target, visible, tuple(ps), norm_pix, eps)
+    per_patch = _PerPatchLoss.apply(pred, target, ps, norm_pix, eps, chosen)
     masked = (~visible).to(per_patch.dtype)
     loss = (per_patch * masked).sum() / masked.sum().clamp_min(1)
     return loss, per_patch

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, check_momentum, check_norm_eps, check_same_device, check_tensor
 from .._core import shapes
 from .._core.dtypes import accumulation_dtype
 from ..reference import sparse_norm as _ref
@@ -254,6 +254,7 @@ def sparse_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean: torch.T
     """
     op = "sparse_batch_norm"
     _check_inputs(op, x, mask, weight, bias)
+    eps, momentum = check_norm_eps(op, eps), check_momentum(op, momentum)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must be given together, got only one")
     if not training and running_mean is None:
@@ -295,6 +296,7 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weig
     """
     op = "sparse_group_norm"
     _check_inputs(op, x, mask, weight, bias)
+    eps = check_norm_eps(op, eps)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:
         raise ValueError(f"{op}: num_groups must be a positive int dividing C={x.shape[1]}, got {num_groups!r}")
     chosen = _backend.choose_backend("masked_moments", x.device, backend)
@@ -313,6 +315,7 @@ def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tens
     """
     op = "sparse_instance_norm"
     _check_inputs(op, x, mask, weight, bias)
+    eps = check_norm_eps(op, eps)
     chosen = _backend.choose_backend("masked_moments", x.device, backend)
     if chosen == "reference":
         return _ref.sparse_instance_norm(x, mask, weight, bias, eps)
@@ -330,6 +333,7 @@ def sparse_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor 
     a select, with no kernel of its own.
     """
     op = "sparse_layer_norm"
+    eps = check_norm_eps(op, eps)
     if channels_last:
         check_tensor(op, "x", x, ndim=(4, 5), dtypes=FLOAT_DTYPES)
         check_tensor(op, "mask", mask, dtypes=(torch.bool,))

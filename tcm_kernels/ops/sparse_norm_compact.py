@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .._core.dtypes import accumulation_dtype
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, check_momentum, check_norm_eps, check_same_device, check_tensor
 from .sparse_norm import _all_reduce, _group_moments
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -213,6 +213,7 @@ def compact_batch_norm(features: torch.Tensor, running_mean: torch.Tensor | None
     """
     op = "compact_batch_norm"
     _check_features(op, features, weight, bias)
+    eps, momentum = check_norm_eps(op, eps), check_momentum(op, momentum)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must be given together, got only one")
     if not training and running_mean is None:
@@ -265,6 +266,7 @@ def compact_group_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_
     """
     op = "compact_group_norm"
     _check_features(op, features, weight, bias)
+    eps = check_norm_eps(op, eps)
     _check_batch_index(op, features, batch_index, batch_size)
     c = features.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
@@ -287,4 +289,5 @@ def compact_layer_norm(features: torch.Tensor, weight: torch.Tensor | None = Non
                        eps: float = 1e-6) -> torch.Tensor:
     """Layer norm over the channels of each row: features [N, C] -> [N, C]."""
     _check_features("compact_layer_norm", features, weight, bias)
+    eps = check_norm_eps("compact_layer_norm", eps)
     return torch.layer_norm(features, (features.shape[1],), weight, bias, eps)

@@ -14,9 +14,11 @@ from .._core.dtypes import accumulation_dtype
 
 
 def _masked_moments(x: torch.Tensor, m: torch.Tensor, dims: tuple[int, ...]):
+    """Values at inactive sites are never read (NaN/inf there stay out of the statistics, as in the kernels)."""
+    on = m.expand_as(x) > 0
     n = m.expand_as(x).sum(dims, keepdim=True)
-    mean = (x * m).sum(dims, keepdim=True) / n.clamp_min(1)
-    var = (((x - mean) * m) ** 2).sum(dims, keepdim=True) / n.clamp_min(1)
+    mean = torch.where(on, x, 0).sum(dims, keepdim=True) / n.clamp_min(1)
+    var = torch.where(on, x - mean, 0).pow(2).sum(dims, keepdim=True) / n.clamp_min(1)
     return n, mean, var
 
 
