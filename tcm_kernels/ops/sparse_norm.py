@@ -38,7 +38,7 @@ from ..reference import sparse_norm as _ref
 from ._library import register
 
 
-# ----------------------------------------------------------------------------- fake (meta) implementations
+# ----------------------------------------------------------------------------- custom ops: Triton twins, fakes
 
 @torch.library.custom_op("tcm::masked_moments_triton", mutates_args=())
 def _moments_triton(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
