@@ -16,8 +16,8 @@ PACKAGE = "tcm_kernels"
 # Lowest first. A module may import its own layer or a lower one; packages in one layer that are
 # listed together are siblings and may not import each other (reference/ and triton/ see only the base).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("tcm_kernels._core", "tcm_kernels._backend", "tcm_kernels._checks", "tcm_kernels.sparse_tensor",
-              "tcm_kernels._C")),
+    ("base", ("tcm_kernels._core", "tcm_kernels._backend", "tcm_kernels._checks", "tcm_kernels._autocast",
+              "tcm_kernels.sparse_tensor", "tcm_kernels._C")),
     ("kernels", ("tcm_kernels.reference", "tcm_kernels.triton")),
     ("ops", ("tcm_kernels.ops",)),
     ("modules", ("tcm_kernels.nn", "tcm_kernels.experimental")),

@@ -8,7 +8,8 @@
 * :mod:`.autograd`: the autograd factories the ops register.
 
 Together with ``tcm_kernels._backend`` (loading of the compiled extension, back-end choice),
-``tcm_kernels._checks`` (boundary checks) and ``tcm_kernels.sparse_tensor`` (the compact layout),
+``tcm_kernels._checks`` (boundary checks), ``tcm_kernels._autocast`` (the ops' autocast rule) and
+``tcm_kernels.sparse_tensor`` (the compact layout),
 this layer imports nothing of tcm_kernels above it (``tests/test_layers.py`` enforces it; the
 layers are described in docs/architecture.md).
 """

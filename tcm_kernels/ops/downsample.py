@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .._core.geometry import space_to_depth
 from ..reference import submconv as _ref
@@ -19,6 +20,7 @@ from .submconv import submanifold_conv
 _OP = "sparse_downsample"
 
 
+@autocast_rule("lowp")
 def sparse_downsample(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                       stride: int, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparK's downsampling between stages: conv with kernel = stride, output mask = max-pool of the mask.
@@ -42,6 +44,7 @@ def sparse_downsample(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     return y, mask_out
 
 
+@autocast_rule("lowp")
 def sparse_downsample_compact(x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                               stride: int) -> SparseTensor:
     """:func:`sparse_downsample` on the compact layout: SparseTensor [N, Cin] -> SparseTensor [N_out, Cout].

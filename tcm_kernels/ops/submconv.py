@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from .._autocast import autocast_rule
 from .._core import geometry
 from ..reference import submconv as _ref
 from . import _conv_checks as checks
@@ -39,6 +40,7 @@ _OP = "submanifold_conv"
 PATHS = ("auto", "generic", "patch")
 
 
+@autocast_rule("lowp")
 def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      dilation: int | tuple[int, ...] = 1, groups: int = 1, patch_size: int | None = None,
                      backend: str | None = None, chunk_rows: int = 0, path: str = "auto") -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import autocast_rule
 from ..reference import submconv as _ref
 from ..sparse_tensor import KernelMap
 from . import _conv_checks as checks
@@ -17,6 +18,7 @@ from ._submconv_ops import conv_op
 _OP = "submanifold_conv_compact"
 
 
+@autocast_rule("lowp")
 def submanifold_conv_compact(features: torch.Tensor, kernel_map: KernelMap, weight: torch.Tensor,
                              bias: torch.Tensor | None = None, *, dilation: int | tuple[int, ...] = 1, groups: int = 1,
                              backend: str | None = None, chunk_rows: int = 0) -> torch.Tensor:

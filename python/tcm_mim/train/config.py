@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..models.encoders import ENCODERS, encoder_patch_size
+from .methods import method_class, method_names
 
-METHODS = ("spark", "tcm", "anatomask", "amlp")
+METHODS = method_names()  # every module of tcm_mim/train/methods/ registers one
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -87,8 +88,9 @@ class PretrainConfig:
 
     # what to train
     method: str = _key("tcm", "masking method; the loss and extra heads follow it", choices=METHODS, resume=FIXED)
-    dataset: str = _key("chest_ct", "an embedded dataset name (brain_mri, chest_ct, chest_xray) or a folder of "
-                                    "NIfTI / DICOM / PNG files")
+    dataset: str = _key("chest_ct", "an embedded dataset name (brain_mri, chest_ct, chest_xray), a corpus written "
+                                    "by tcm-prepare, or a folder of NIfTI / DICOM / PNG files (prepared into "
+                                    "<out_dir>/corpus first)")
     label_dir: str | None = _key(None, "folder datasets: label maps with the images' names (tcm needs them)")
     label_names: str | None = _key(None, 'folder datasets: text file of "id name" lines naming the labels')
     prompts: list[str] = _key(help="tcm: the diagnostic text, one saliency per prompt (non-empty for tcm)",
@@ -134,6 +136,9 @@ class PretrainConfig:
                                        bounds=POSITIVE)
     skip_nonfinite: int = _key(0, "steps with a NaN/inf loss or gradient that may be skipped (logged) before "
                                   "the run stops", bounds=AT_LEAST_0, resume=FREE)
+    num_workers: int = _key(2, "DataLoader worker processes building batches (0: in the training process)",
+                            bounds=AT_LEAST_0, resume=FREE)
+    prefetch_factor: int = _key(2, "batches each loader worker prepares ahead", bounds=AT_LEAST_1, resume=FREE)
     # where and how it runs
     device: str = _key("auto", "auto: cuda:$LOCAL_RANK under torchrun with CUDA, else cuda if available, else cpu",
                        resume=FREE, allowed="auto | cpu | cuda | cuda:N",
@@ -161,9 +166,9 @@ class PretrainConfig:
         if self.dim == 2 and is_3d_encoder(self.encoder):
             raise ConfigError(f"config: encoder {self.encoder!r} is a 3-D encoder, but dim is 2; leave dim unset "
                               f"(or 3) for it, or pick a 2-D encoder such as resnet_tiny")
-        if self.method == "tcm" and not self.prompts:
-            raise ConfigError("config: prompts must be a non-empty list of text for method tcm (its text guidance), "
-                              "got []")
+        if method_class(self.method).needs_saliency and not self.prompts:
+            raise ConfigError(f"config: prompts must be a non-empty list of text for method {self.method} (its text "
+                              f"guidance), got []")
         if any(not p.strip() for p in self.prompts):
             raise ConfigError(f"config: prompts must not contain empty text, got {self.prompts!r}")
         patch = encoder_patch_size(self.encoder)
@@ -179,13 +184,8 @@ class PretrainConfig:
         return 3 if is_3d_encoder(self.encoder) else 2
 
     def ratio_at(self, step: int) -> float:
-        """The overall masking ratio at ``step``."""
-        if self.method == "amlp":
-            t = min(step / max(self.steps - 1, 1), 1.0)
-            return self.amlp_ratio_start + t * (self.amlp_ratio_end - self.amlp_ratio_start)
-        if self.mask_ratio is not None:
-            return self.mask_ratio
-        return 0.4 if self.method == "tcm" else 0.6
+        """The overall masking ratio at ``step``: the method's rule (``Method.ratio_at``)."""
+        return method_class(self.method).ratio_at(self, step)
 
     def hard_fraction_at(self, step: int) -> float:
         """AnatoMask's curriculum: the hard share of the budget grows linearly to ``hard_fraction_max``."""
