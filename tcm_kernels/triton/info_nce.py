@@ -21,11 +21,8 @@ shared-memory limit), and the accumulator is BLOCK_M x BLOCK_O.
 
 Precision: fp32 inputs use IEEE fp32 dots (no TF32) so the result matches the CPU kernels;
 fp16/bf16 dots run on tensor cores with fp32 accumulation, and dL/dS is rounded to the input dtype
-for the second dot, as flash-attention does with its probabilities. The CPU interpreter runs this
-same path; two bf16 operations of Triton 3.9's interpreter are emulated (``EMULATE_BF16``, never set
-on a GPU): its ``tl.dot`` multiplies the raw bf16 bit patterns, so both bf16 operands are upcast to
-fp32 at the dot (exact: the product of two bf16 values fits in fp32's mantissa), and its fp32 -> bf16
-conversion truncates, so :func:`_to` rounds to nearest even on the bits first, as the GPU does.
+for the second dot, as flash-attention does with its probabilities. The CPU interpreter runs the
+same path (``EMULATE_BF16``, see ``_precision``).
 """
 
 from __future__ import annotations
@@ -36,27 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreting
 from ..ops.info_nce import make_backward, setup_context
 from ._launch import launch, shared_memory_limit
-
-
-@triton.jit
-def _dot(a, b, acc, EMULATE_BF16: tl.constexpr):
-    """acc + a @ b with fp32 accumulation in the operands' dtype (see the module docstring)."""
-    if EMULATE_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """fp32 ``x`` rounded to ``dtype`` to nearest even, as the GPU converts (the interpreter truncates to bf16)."""
-    if EMULATE_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+from ._precision import dot, emulate_bf16, to_dtype
 
 
 @triton.jit
@@ -71,7 +50,7 @@ def _s_tile(X, Y, rows, row_ok, cols, col_ok, D, stride_x, stride_y,
         dim_ok = dims < D
         x = tl.load(x_base + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         y = tl.load(y_base + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = _dot(x, tl.trans(y), s, EMULATE_BF16)
+        s = dot(x, tl.trans(y), s, EMULATE_BF16)
     return s
 
 
@@ -141,10 +120,10 @@ def _grad_kernel(
             dot += tl.sum(g * s, 1)
         y_out = tl.load(Y + cols.to(tl.int64)[:, None] * stride_y + out_dims[None, :],
                         mask=col_ok[:, None] & out_ok[None, :], other=0.0)
-        acc = _dot(_to(g, Y.dtype.element_ty, EMULATE_BF16), y_out, acc, EMULATE_BF16)
+        acc = dot(to_dtype(g, Y.dtype.element_ty, EMULATE_BF16), y_out, acc, EMULATE_BF16)
     grad = acc * inv_t
     tl.store(GRAD_X + rows.to(tl.int64)[:, None] * stride_g + out_dims[None, :],
-             _to(grad, GRAD_X.dtype.element_ty, EMULATE_BF16), mask=row_ok[:, None] & out_ok[None, :])
+             to_dtype(grad, GRAD_X.dtype.element_ty, EMULATE_BF16), mask=row_ok[:, None] & out_ok[None, :])
     if WRITE_DOT:
         if tl.program_id(1) == 0:
             tl.store(DOT + rows, dot, mask=row_ok)
@@ -206,17 +185,13 @@ def choose_config(d: int, dtype: torch.dtype, shared_limit: int, backward: bool,
                      f"shared memory, this device has {shared_limit} B; use a smaller block_size")
 
 
-def _emulate_bf16(x: torch.Tensor) -> bool:
-    return triton_interpreting() and x.dtype == torch.bfloat16
-
-
 def _row_lse(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, block: int) -> torch.Tensor:
     m, d = x.shape
     cfg = choose_config(d, x.dtype, shared_memory_limit(x.device), False, block)
     out = torch.empty(m, dtype=torch.float32, device=x.device)
     launch("info_nce", _row_lse_kernel, (triton.cdiv(m, cfg.block_m),), x.device,
            x, y, inv_t, out, m, y.shape[0], d, x.stride(0), y.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-           BLOCK_K=cfg.block_k, EMULATE_BF16=_emulate_bf16(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+           BLOCK_K=cfg.block_k, EMULATE_BF16=emulate_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -257,7 +232,7 @@ def _grad_rows(x, y, inv_t, lse_x, g_x, lse_y, g_y, x_term, y_term, dot, block):
            x, y, inv_t, lse_x, g_x, lse_y, g_y, grad, inv_t if dot is None else dot, m, y.shape[0], d,
            x.stride(0), y.stride(0), grad.stride(0), X_TERM=x_term, Y_TERM=y_term, WRITE_DOT=dot is not None,
            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o,
-           EMULATE_BF16=_emulate_bf16(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+           EMULATE_BF16=emulate_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad
 
 

@@ -44,7 +44,6 @@ choice for long rows.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 
 import numpy as np
@@ -54,6 +53,7 @@ import triton.language as tl
 
 from ..ops.sample_mask import _sample_mask_fake
 from ..reference.sample_mask import hardest_budget
+from ._launch import launch
 from .philox import philox4x32_10
 
 MAX_PATCHES = 16384
@@ -259,16 +259,14 @@ def sample_mask_triton(scores: torch.Tensor, num_masked: int, strategy: str, see
     if b == 0 or n == 0:
         return visible, ids_keep, ids_restore
     block = max(triton.next_power_of_2(n), 16)
-    with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
-        _sample_mask_kernel[(b,)](
-            scores, visible.view(torch.uint8), ids_keep, ids_restore,
-            n, num_masked,
-            seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32,
-            _f32_bits(1.0 / temperature), _f32_bits(roi_threshold), _f64_bits(roi_mask_ratio),
-            hardest_budget(num_masked, hard_fraction),
-            STRATEGY=STRATEGY_IDS[strategy], BLOCK=block,
-            num_warps=_num_warps(block), enable_fp_fusion=False,
-        )
+    launch(op, _sample_mask_kernel, (b,), scores.device,
+           scores, visible.view(torch.uint8), ids_keep, ids_restore,
+           n, num_masked,
+           seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32,
+           _f32_bits(1.0 / temperature), _f32_bits(roi_threshold), _f64_bits(roi_mask_ratio),
+           hardest_budget(num_masked, hard_fraction),
+           STRATEGY=STRATEGY_IDS[strategy], BLOCK=block,
+           num_warps=_num_warps(block), enable_fp_fusion=False)
     return visible, ids_keep, ids_restore
 
 
