@@ -22,11 +22,10 @@ _BLOCK = 512
 
 @triton.jit
 def _patch_offsets(e, origin, D, H, W, pd, ph, pw):
-    e = e.to(tl.int64)  # one sample (C * D * H * W) may exceed 2^31 elements
-    r = e // pw
+    r = e // pw  # int32 divisions (e < C * pd * ph * pw); int64 products: a sample may exceed 2^31 elements
     y = r % ph
     z = (r // ph) % pd
-    c = r // (ph * pd)
+    c = (r // (ph * pd)).to(tl.int64)
     return origin + ((c * D + z) * H + y) * W + e % pw
 
 

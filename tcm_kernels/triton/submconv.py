@@ -89,6 +89,15 @@ def _block(n: int, low: int = 16, high: int = 64) -> int:
     return max(low, min(high, triton.next_power_of_2(max(n, 1))))
 
 
+def launch_tiles(cin_g: int, cout_g: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of both submconv kernels: 8 warps (4 spilled 144-280 B per
+    thread in the patch kernel, whose int64 site arithmetic holds many registers); fp32 dots run on FMA
+    units with both operands in registers, so 16-wide K chunks (32 spilled 240 B on sm_80). The largest
+    choices are compiled for sm_80/sm_90 in tests/ops/test_submconv*.py."""
+    high = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    return 32, _block(cout_g), _block(cin_g, high=high), 8
+
+
 def kernel_map(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mask bool [B, 1, *S] -> (grid int32 [B, *S], sites int64 [N]) with torch ops (any device)."""
     flat = mask.reshape(-1)
@@ -132,12 +141,12 @@ def conv_rows(feats: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weig
     if n == 0:
         return y
     offsets = tap_offsets(tuple(kernel), dilation, feats.device)
-    block_m, block_n, block_k = 32, _block(cout_g), _block(cin_g, high=32)
+    block_m, block_n, block_k, warps = launch_tiles(cin_g, cout_g, feats.dtype)
     b32 = bias.float().contiguous() if bias is not None else y  # dummy pointer when there is no bias
     launch("submanifold_conv", _submconv_rows_kernel, (triton.cdiv(n, block_m), triton.cdiv(cout_g, block_n), groups),
            feats.device, feats.contiguous(), wg, b32, y, grid.contiguous(), sites.contiguous(), offsets, n, depth,
            height, width, cin, cout, cin_g, cout_g, taps, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-           BLOCK_N=block_n, BLOCK_K=block_k, EMULATE_BF16=emulate_bf16(feats.dtype))
+           BLOCK_N=block_n, BLOCK_K=block_k, EMULATE_BF16=emulate_bf16(feats.dtype), num_warps=warps)
     return y
 
 

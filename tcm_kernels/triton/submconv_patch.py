@@ -34,7 +34,7 @@ import triton.language as tl
 from ..ops import _patch_block
 from ._launch import launch
 from ._precision import dot, emulate_bf16
-from .submconv import _block, gemm_weight, tap_offsets
+from .submconv import gemm_weight, launch_tiles, tap_offsets
 from ..ops._conv_autograd import setup_conv_context
 
 
@@ -116,13 +116,13 @@ def conv_patches(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias
     wg = gemm_weight(weight, groups, x.dtype)
     offsets = tap_offsets(tuple(kernel), tuple(dilation), x.device)
     n_rows = n_tiles * pz * py * px
-    block_m, block_n, block_k = 32, _block(cout_g), _block(cin_g, high=32)
+    block_m, block_n, block_k, warps = launch_tiles(cin_g, cout_g, x.dtype)
     b32 = bias.float().contiguous() if bias is not None else y  # dummy pointer when there is no bias
     launch("submanifold_conv", _submconv_patch_kernel,
            (triton.cdiv(n_rows, block_m), triton.cdiv(cout_g, block_n), groups), x.device,
            x5, m5, wg, b32, y, tiles, offsets, n_rows, depth, height, width, *x5.stride(), x.shape[1], cout, cin_g,
            cout_g, taps, pz, py, px, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-           EMULATE_BF16=emulate_bf16(x.dtype))
+           EMULATE_BF16=emulate_bf16(x.dtype), num_warps=warps)
     return y
 
 
