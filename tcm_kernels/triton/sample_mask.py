@@ -5,7 +5,8 @@ Grid and tiles
 One program per row of ``scores`` [B, N]; the whole row lives in one register tile of
 ``BLOCK = next_pow2(N)`` lanes (at least 16), so N is limited to ``MAX_PATCHES`` = 16384
 (a 128^2 patch grid, or 32 x 32 x 16 in 3D; MIM grids are 196 to 4096). Larger rows raise
-a ``ValueError`` that names the limit; use the CUDA back end for them.
+a ``ValueError`` that names the limit; by default :func:`tcm_kernels.sample_mask` sends them to the
+CUDA kernel, which has no such limit.
 
 Per row:
 
@@ -51,12 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.sample_mask import _sample_mask_fake
+from ..ops.sample_mask import TRITON_MAX_PATCHES as MAX_PATCHES, _sample_mask_fake
 from ..reference.sample_mask import hardest_budget
 from ._launch import launch
 from .philox import philox4x32_10
 
-MAX_PATCHES = 16384
 STRATEGY_IDS = {"uniform": 0, "weighted": 1, "stratified": 2, "hardest": 3}
 
 UNIFORM = tl.constexpr(0)

@@ -120,6 +120,19 @@ def test_triton_rejects_rows_longer_than_one_tile(device):
         tcm_kernels.sample_mask(scores, 0.5, strategy="uniform", seed=0, backend="triton")
 
 
+def test_default_backend_sends_long_cuda_rows_to_the_cuda_kernel(monkeypatch):
+    """N > 16384 on a CUDA device: the CUDA kernel (no row limit), not the Triton kernel that would raise."""
+    from tcm_kernels import _backend
+    from tcm_kernels.ops.sample_mask import TRITON_MAX_PATCHES
+
+    monkeypatch.setattr(_backend, "compiled_available", lambda op, device_type="cpu": True)
+    cuda = torch.device("cuda")
+    pick = [_backend.choose_backend("sample_mask", cuda, None, has_cuda_kernel=True,
+                                    prefer_cuda_kernel=n > TRITON_MAX_PATCHES) for n in (16384, 16385)]
+    assert pick == ["triton", "cuda"]
+    assert TRITON_MAX_PATCHES == tsm.MAX_PATCHES
+
+
 # ---- the RNG pieces, bit for bit --------------------------------------------------------------
 
 # Random123 known-answer vectors of Philox-4x32-10: counter, key (k0, k1), output words.
