@@ -747,3 +747,37 @@ def test_triton_kernel_compiles_to_ptx(ptx_report, cap):
         assert entry["shared"] <= SHARED_LIMIT[cap] and entry["stack"] == 0, (dt, entry["shared"], entry["stack"])
         tensor_core = "mma" in entry["ptx"]
         assert tensor_core == (dt != "fp32"), (cap, dt, tensor_core)
+
+# ---- CUDA kernels (csrc/submconv/submconv_cuda.cu): run by `make gpu-check` ------------------------
+
+CUDA = backend_param(OP, "cuda")
+
+
+def test_cuda_kernels_serve_cuda_tensors_without_triton(monkeypatch):
+    """Dispatch rule: Triton for CUDA tensors; the compiled CUDA kernels when Triton is missing."""
+    from tcm_kernels import _backend
+
+    monkeypatch.setattr(_backend, "compiled_available", lambda op, device_type="cpu": True)
+    cuda = torch.device("cuda")
+    assert _backend.choose_backend(OP, cuda, None, has_cuda_kernel=True) == "triton"
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    assert _backend.choose_backend(OP, cuda, None, has_cuda_kernel=True) == "cuda"
+    assert _backend.choose_backend("submconv_compact_forward", cuda, None, has_cuda_kernel=False) == "reference"
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("nd,cin,cout,groups,k,dilation", [(2, 5, 7, 1, 3, 1), (3, 4, 6, 2, 3, 2), (2, 6, 6, 6, 5, 1),
+                                                           (3, 8, 16, 1, 3, 1)])
+def test_cuda_forward_backward_vs_fp64_reference(backend, nd, cin, cout, groups, k, dilation):
+    x, m, w, b = make_case(nd, cin, cout, k, groups, spatial=(9, 7) if nd == 2 else (4, 5, 3))
+    dev = torch.device("cuda")
+    xs, ws, bs = (t.to(dev).requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    y = tcm_kernels.submanifold_conv(xs, m.to(dev), ws, bs, groups=groups, dilation=dilation, backend=backend)
+    y_ref = ref.submanifold_conv(xr, m, wr, br, groups=groups, dilation=dilation)
+    assert_close_verbose(y, y_ref, atol=2e-5, rtol=2e-5, name="y")
+    grad = torch.randn(y_ref.shape, dtype=torch.float64)
+    y.backward(grad.float().to(dev))
+    y_ref.backward(grad)
+    for name, a, e in [("grad_x", xs.grad, xr.grad), ("grad_w", ws.grad, wr.grad), ("grad_b", bs.grad, br.grad)]:
+        assert_close_verbose(a, e, atol=5e-5, rtol=5e-5, name=name)
