@@ -102,7 +102,7 @@ def _grad_kernel(
         lse_x = tl.load(LSE_X + rows, mask=row_ok, other=0.0)
         g_x = tl.load(G_X + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_O], tl.float32)
-    dot = tl.zeros([BLOCK_M], tl.float32)
+    ds_s = tl.zeros([BLOCK_M], tl.float32)  # sum_j dL/dS_ij * S_ij
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
@@ -117,7 +117,7 @@ def _grad_kernel(
             g += g_y[None, :] * tl.exp(s - lse_y[None, :])
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
         if WRITE_DOT:
-            dot += tl.sum(g * s, 1)
+            ds_s += tl.sum(g * s, 1)
         y_out = tl.load(Y + cols.to(tl.int64)[:, None] * stride_y + out_dims[None, :],
                         mask=col_ok[:, None] & out_ok[None, :], other=0.0)
         acc = dot(to_dtype(g, Y.dtype.element_ty, EMULATE_BF16), y_out, acc, EMULATE_BF16)
@@ -126,7 +126,7 @@ def _grad_kernel(
              to_dtype(grad, GRAD_X.dtype.element_ty, EMULATE_BF16), mask=row_ok[:, None] & out_ok[None, :])
     if WRITE_DOT:
         if tl.program_id(1) == 0:
-            tl.store(DOT + rows, dot, mask=row_ok)
+            tl.store(DOT + rows, ds_s, mask=row_ok)
 
 
 class Config(NamedTuple):
