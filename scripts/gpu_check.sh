@@ -12,7 +12,8 @@
 #   bench     the GPU benchmark groups in quick mode (python -m benchmarks --quick -k gpu)
 # Results: benchmarks/results/gpu-<UTC date>/ (logs, junit XML, smoke JSON, benchmark tables, SUMMARY.md).
 # It installs and downloads nothing. Optional peers for the benchmarks (spconv CUDA wheel, spconv-triton)
-# are installed from ./.whl when that folder exists (wheels carried there beforehand; see README).
+# are installed from ./.whl when that folder exists (wheels carried there beforehand; see README); the
+# embedded-data cache is read from ./.gpu-cache when that folder exists.
 # GPU_CHECK_STEPS="build tests" runs a subset; PYTHON picks the interpreter (default python3).
 set -u
 cd "$(dirname "$0")/.."
@@ -40,6 +41,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record st
   tail -n 3 "$OUT/$name.log"
 }
 
+# the embedded datasets' cache (~/.cache/tcm_mim/*.npz), carried when the machine cannot build it offline
+[[ -d .gpu-cache ]] && export TCM_MIM_CACHE="$PWD/.gpu-cache"
 if [[ -d .whl ]] && ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/gpu-check-site"
@@ -56,7 +59,7 @@ elif [[ " $STEPS " == *" sanitize "* ]]; then
 fi
 if [[ " $STEPS " != *" train "* ]]; then
   :
-elif $PY -c "import dataclasses, sys; from tcm_mim.train.config import Config; sys.exit('device' not in {f.name for f in dataclasses.fields(Config)})" 2>/dev/null; then
+elif $PY -c "import dataclasses, sys; from tcm_mim.train.config import PretrainConfig as C; sys.exit('device' not in {f.name for f in dataclasses.fields(C)})" 2>/dev/null; then
   step train 240 bash -c "for m in spark tcm anatomask amlp; do $PY -m tcm_mim.train.cli --config configs/pretrain_tcm.yaml method=\$m steps=30 device=cuda precision=bf16 out_dir=$OUT/train_\$m || exit 1; done"
 else
   step train 120 $PY scripts/gpu_smoke.py --json "$OUT/train_ops.json"
