@@ -126,18 +126,8 @@ def _compact_provider(x, mask, w, backward: bool):
     return call, lambda y: (dense(y.detach()), dense(fg.grad), wg.grad)
 
 
-def _provider(provider: str, x, mask, w, patch: int, backward: bool):
-    """(callable, function mapping its result to (y, grads...)) for one provider."""
-    if provider == "tcm_cpu_compact":
-        return _compact_provider(x, mask, w, backward)
-    if provider == "spconv":
-        call, to_dense = _spconv_forward(x, mask, w)
-        return call, lambda out: (to_dense(out),)
-    conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
-            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
-                                                                   path="generic"),
-            "tcm_cpu_patch": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
-                                                                         path="patch")}[provider]
+def _dense_call(conv, x, w, backward: bool):
+    """(call, unpack) of a masked-dense ``conv(x, w)``; with ``backward``, one fixed upstream gradient."""
     if not backward:
         return (lambda: conv(x, w)), (lambda y: (y,))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -150,6 +140,21 @@ def _provider(provider: str, x, mask, w, patch: int, backward: bool):
         return y
 
     return call, lambda y: (y.detach(), xg.grad, wg.grad)
+
+
+def _provider(provider: str, x, mask, w, patch: int, backward: bool):
+    """(callable, function mapping its result to (y, grads...)) for one provider."""
+    if provider == "tcm_cpu_compact":
+        return _compact_provider(x, mask, w, backward)
+    if provider == "spconv":
+        call, to_dense = _spconv_forward(x, mask, w)
+        return call, lambda out: (to_dense(out),)
+    conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
+            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
+                                                                   path="generic"),
+            "tcm_cpu_patch": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
+                                                                         path="patch")}[provider]
+    return _dense_call(conv, x, w, backward)
 
 
 def _reference(x, mask, w, backward: bool):
@@ -343,18 +348,7 @@ def _gpu_provider(provider: str, x, mask, w, patch: int, backward: bool):
             "tcm_triton_patch": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch,
                                                                             backend="triton", path="patch"),
             "tcm_cuda": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, backend="cuda")}[provider]
-    if not backward:
-        return (lambda: conv(x, w)), (lambda y: (y,))
-    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    grad = _grad_out(x, w)
-
-    def call():
-        xg.grad = wg.grad = None
-        y = conv(xg, wg)
-        y.backward(grad)
-        return y
-
-    return call, lambda y: (y.detach(), xg.grad, wg.grad)
+    return _dense_call(conv, x, w, backward)
 
 
 def _bench_gpu(benchmark, layer, mask_name, provider, dtype_name, backward):

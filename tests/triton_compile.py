@@ -80,3 +80,11 @@ def compile_kernels(jobs: list[dict], want_ptx: bool = False, timeout: float = 1
 def arch(cap: int) -> str:
     """The PTX target Triton writes for compute capability ``cap`` (sm_90 gets the arch-specific sm_90a)."""
     return "sm_90a" if cap == 90 else f"sm_{cap}"
+
+
+def assert_conv_kernel(entry: dict, cap: int, tensor_cores: bool) -> None:
+    """A convolution kernel's compile result (``want_ptx``): right target, shared memory within the target's
+    limit, no stack (spills), and tensor-core ``mma`` instructions exactly when ``tensor_cores``."""
+    assert entry["target"] == arch(cap) and entry["entry"] and entry["cubin_bytes"] > 0, entry["target"]
+    assert entry["shared"] <= SHARED_LIMIT[cap] and entry["stack"] == 0, (entry["shared"], entry["stack"])
+    assert ("mma" in entry["ptx"]) == tensor_cores, (cap, tensor_cores)

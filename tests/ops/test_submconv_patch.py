@@ -302,11 +302,7 @@ def ptx_report():
 def test_triton_tile_kernel_compiles_to_ptx(ptx_report, cap):
     """Compiles; fp16/bf16 dots run on tensor cores (mma / wgmma in the PTX), fp32 dots do not (IEEE, no
     TF32); no spills and shared memory within the target's limit."""
-    from tests.triton_compile import SHARED_LIMIT, arch
+    from tests.triton_compile import assert_conv_kernel
 
     for dt in ("fp32", "fp16", "bf16"):
-        entry = ptx_report[f"sm{cap}-{dt}"]
-        assert entry["target"] == arch(cap) and entry["entry"] and entry["cubin_bytes"] > 0, (dt, entry["target"])
-        assert entry["shared"] <= SHARED_LIMIT[cap] and entry["stack"] == 0, (dt, entry["shared"], entry["stack"])
-        tensor_core = "mma" in entry["ptx"]
-        assert tensor_core == (dt != "fp32"), (cap, dt, tensor_core)
+        assert_conv_kernel(ptx_report[f"sm{cap}-{dt}"], cap, tensor_cores=dt != "fp32")
