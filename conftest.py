@@ -31,7 +31,7 @@ exact_fp32()
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (lent GPU machine: pytest -m gpu)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (on a GPU machine: make gpu-check)")
     for item in items:
         # the marker, not item.keywords: those also hold directory names (a checkout named "gpu")
         if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
