@@ -2,6 +2,8 @@
 
     tcm-mask --dataset brain_mri --prompt "left hippocampus" --mask-ratio 0.4 --strategy stratified --out mask.png
     tcm-mask --image scan.nii.gz --labels seg.nii.gz --label-names names.txt --prompt "liver" --out liver.png
+    tcm-mask --image unlabelled_t1.nii.gz --localizer atlas --atlas brain_mri --prompt "left hippocampus" \
+             --out hippo.png --qc-out hippo_qc.png
     tcm-mask --image cxr.png --localizer clipseg --checkpoint ./clipseg-dir --prompt "left lung" --out cxr_mask.png
 """
 
@@ -14,9 +16,9 @@ import numpy as np
 
 from ..data import EMBEDDED, load_embedded, normalize_intensity, read_label_names, read_scan
 from ..data.scan import Scan
-from ..localize import CLIPSegLocalizer, LabelTextLocalizer
+from ..localize import ATLASES, AtlasLocalizer, CLIPSegLocalizer, LabelTextLocalizer
 from ..masking import mask_from_saliency
-from ..viz import render_overlay, save_png
+from ..viz import render_atlas_qc, render_overlay, save_png
 
 DISPLAY_CT_WINDOW = (-300.0, 1600.0)  # lungs, mediastinum and bone all visible
 
@@ -31,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-names", help='text file of "id name" lines for --labels')
     p.add_argument("--modality", help="override the modality of --image (CT, MR, CR, ...)")
     p.add_argument("--prompt", required=True, help='e.g. "left hippocampus", "left lung and heart"')
-    p.add_argument("--localizer", choices=("label", "clipseg"), default="label")
+    p.add_argument("--localizer", choices=("label", "atlas", "clipseg"), default="label",
+                   help="label: the scan's label map; atlas: register an atlas (unlabelled 3-D scans); clipseg")
+    p.add_argument("--atlas", choices=ATLASES, help="for --localizer atlas (default: --dataset if it is one)")
+    p.add_argument("--qc-out", help="for --localizer atlas: PNG of the atlas contours on the scan")
     p.add_argument("--checkpoint", help="local CLIPSeg checkpoint folder (for --localizer clipseg)")
     p.add_argument("--margin-mm", type=float, default=0.0, help="grow the matched region by this many mm")
     p.add_argument("--mask-ratio", type=float, default=0.4)
@@ -70,6 +75,29 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("tcm-mask: --localizer clipseg needs --checkpoint DIR (a local CLIPSeg checkpoint)")
         localizer = CLIPSegLocalizer(args.checkpoint)
         matched = "CLIPSeg"
+    elif args.localizer == "atlas":
+        atlas = args.atlas or (args.dataset if args.dataset in ATLASES else None)
+        if atlas is None:
+            raise SystemExit(f"tcm-mask: --localizer atlas needs --atlas ({' or '.join(ATLASES)})")
+        localizer = AtlasLocalizer(atlas)
+        try:
+            matches = localizer.match(args.prompt)
+            registration = localizer.register(scan)
+        except ValueError as err:  # AtlasRegistrationError included
+            raise SystemExit(f"tcm-mask: {err}") from err
+        scan = Scan(scan.name, scan.modality, scan.image, scan.spacing, scan.orientation, registration.labels.array,
+                    registration.labels.names)
+        localizer = localizer.label_localizer  # the warped labels are the scan's labels from here on
+        matched = f"atlas {atlas}: " + ", ".join(m.name for m in matches[:6]) + \
+            (f" +{len(matches) - 6}" if len(matches) > 6 else "")
+        if args.qc_out:
+            title = (f"{scan.name}: atlas {atlas} registered in {registration.seconds:.1f} s, foreground Dice "
+                     f"{registration.foreground_dice:.3f}; red: '{args.prompt}'")
+            display = normalize_intensity(scan.image, scan.modality,
+                                          window=DISPLAY_CT_WINDOW if scan.modality == "CT" else "soft_tissue")
+            save_png(render_atlas_qc(display, registration.labels.array, scan.spacing, title,
+                                     highlight=registration.labels.mask(m.label_id for m in matches)), args.qc_out)
+            print(f"wrote {args.qc_out}")
     else:
         if scan.labels is None:
             raise SystemExit("tcm-mask: the label-text localizer needs a label map: pass --labels (and --label-names),"

@@ -74,3 +74,25 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, ids) -> dict[int, float]
         total = int(p.sum()) + int(t.sum())
         out[int(i)] = 2.0 * int((p & t).sum()) / total if total else 1.0
     return out
+
+
+def prompt_mass(saliency: np.ndarray, truth: np.ndarray, ids, opposite_ids) -> tuple[float, float]:
+    """(share of the saliency mass inside the truth structures ``ids``, share inside ``opposite_ids``)."""
+    total = float(saliency.sum())
+    if total <= 0:
+        return 0.0, 0.0
+    inside = float(saliency[np.isin(truth, list(ids))].sum())
+    other = float(saliency[np.isin(truth, list(opposite_ids))].sum())
+    return inside / total, other / total
+
+
+def write_nifti(path, image: np.ndarray, spacing: tuple[float, ...]) -> None:
+    """Save a canonical [S, P, L] volume as NIfTI (RAS affine), so that ``read_scan`` gives it back as it was."""
+    nib = require("nibabel", purpose="write_nifti")
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # [S, P, L] -> [L, P, S]; +L and +P are -x and -y in RAS.
+    affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(image.transpose(2, 1, 0)), affine), str(path))

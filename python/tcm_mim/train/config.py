@@ -7,6 +7,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 METHODS = ("spark", "tcm", "anatomask", "amlp")
+LOCALIZERS = ("label", "atlas", "clipseg")
 
 
 def is_3d_encoder(name: str) -> bool:
@@ -25,6 +26,9 @@ class PretrainConfig:
     label_dir: str | None = None  # folder datasets: label maps with the images' names (tcm needs them)
     label_names: str | None = None  # folder datasets: text file of "id name" lines naming the labels
     prompts: list[str] = field(default_factory=lambda: ["left lung", "heart"])  # tcm: the diagnostic text
+    localizer: str = "label"  # tcm: label (the scans' label maps) | atlas (register an atlas: unlabelled scans) | clipseg
+    atlas: str | None = None  # localizer=atlas: brain_mri | chest_ct; None: the dataset's name if it is one of them
+    clipseg_checkpoint: str | None = None  # localizer=clipseg: a local CLIPSeg checkpoint folder
     encoder: str = "resnet_tiny"  # see tcm_mim.models.build_encoder
     dim: int | None = None  # 2 (slices) or 3 (volumes); None: 3 for a 3-D encoder (name with "3d"), else 2
     decoder_width: int = 64
@@ -68,6 +72,15 @@ class PretrainConfig:
                              f"(or 3) for it, or pick a 2-D encoder such as resnet_tiny")
         if not 0.0 <= self.amlp_ccl_blend <= 1.0:
             raise ValueError(f"config: amlp_ccl_blend must be in [0, 1], got {self.amlp_ccl_blend}")
+        if self.localizer not in LOCALIZERS:
+            raise ValueError(f"config: localizer must be one of {LOCALIZERS}, got {self.localizer!r}")
+        if self.atlas is not None and self.atlas not in ("brain_mri", "chest_ct"):
+            raise ValueError(f"config: atlas must be brain_mri, chest_ct or null, got {self.atlas!r}")
+        if self.localizer == "atlas" and self.atlas is None and self.dataset not in ("brain_mri", "chest_ct"):
+            raise ValueError(f"config: localizer=atlas needs atlas=brain_mri or atlas=chest_ct for dataset "
+                             f"{self.dataset!r}")
+        if self.localizer == "clipseg" and not self.clipseg_checkpoint:
+            raise ValueError("config: localizer=clipseg needs clipseg_checkpoint=DIR (a local CLIPSeg checkpoint)")
         if self.amlp_ccl_weight < 0:
             raise ValueError(f"config: amlp_ccl_weight must be >= 0, got {self.amlp_ccl_weight}")
 

@@ -55,10 +55,15 @@ def _scans(cfg: PretrainConfig, dim: int):
         raise ValueError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
                          f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
                          f"2-D encoder (resnet_tiny)")
-    if cfg.method == "tcm":
+    if cfg.method == "tcm" and cfg.localizer == "label":
         scans = [s for s in scans if s.labels is not None]
         if not scans:
-            raise ValueError(f"tcm needs scans with label maps for its prompts; {cfg.dataset} has none")
+            raise ValueError(f"tcm with localizer=label needs scans with label maps for its prompts; {cfg.dataset} "
+                             f"has none: use localizer=atlas (atlas=brain_mri|chest_ct) for unlabelled scans")
+    if cfg.method == "tcm" and cfg.localizer == "atlas":
+        scans = [s for s in scans if s.image.ndim == 3]  # an embedded chest_xray's radiographs have no 3-D atlas
+        if not scans:
+            raise ValueError(f"tcm with localizer=atlas needs 3-D volumes; {cfg.dataset} has none")
     return scans
 
 
@@ -114,12 +119,24 @@ class Trainer:
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     def _saliency_provider(self, scans):
-        from ..localize import LabelTextLocalizer, SaliencyCache
+        from ..localize import AtlasLocalizer, CLIPSegLocalizer, LabelTextLocalizer, SaliencyCache
 
-        localizer, cache = LabelTextLocalizer(), SaliencyCache(self.out / "saliency_cache")
+        cfg, cache = self.cfg, SaliencyCache(self.out / "saliency_cache")
+        if cfg.localizer == "atlas":
+            # Registered once per scan, up front (warped labels cached by content under out_dir), with a QC PNG
+            # per scan so that a failed registration is seen before training on it.
+            localizer = AtlasLocalizer(cfg.atlas or cfg.dataset, cache_dir=self.out / "atlas_cache")
+            if self.rank == 0:
+                write_atlas_qc(localizer, scans, self.out / "atlas_qc", cfg.prompts)
+        elif cfg.localizer == "clipseg":
+            localizer = CLIPSegLocalizer(cfg.clipseg_checkpoint)
+        else:
+            localizer = LabelTextLocalizer()
 
         def provide(index: int, prompt: str) -> torch.Tensor:
             scan = scans[index]
+            if cfg.localizer == "atlas":  # the atlas localizer takes the Scan: it needs the spacing and modality
+                return cache.get(scan.name, prompt, localizer, scan)
             return cache.get(scan.name, prompt, localizer, scan.image, labels=scan.labels)
 
         return provide
@@ -323,6 +340,24 @@ class Trainer:
         rows = torch.cat(panels, dim=3)[:, 0]
         grid = torch.cat(list(rows), dim=0)
         Image.fromarray((grid.numpy() * 255).astype("uint8")).save(path)
+
+
+def write_atlas_qc(localizer, scans, folder: pathlib.Path, prompts) -> list[pathlib.Path]:
+    """Register the atlas to every scan and write ``folder/<scan>.png``: atlas contours on the scan."""
+    from ..data import normalize_intensity
+    from ..viz import render_atlas_qc, save_png
+
+    ids = sorted({m.label_id for p in prompts for m in localizer.match(p)})
+    paths = []
+    for i, scan in enumerate(scans):
+        reg = localizer.register(scan)
+        path = folder / f"{i:04d}_{pathlib.Path(scan.name).name.split('.')[0] or 'scan'}.png"
+        title = (f"{scan.name}: atlas {localizer.atlas.name} registered in {reg.seconds:.1f} s, foreground Dice "
+                 f"{reg.foreground_dice:.3f}; red: {', '.join(prompts)}")
+        save_png(render_atlas_qc(normalize_intensity(scan.image, scan.modality), reg.labels.array, scan.spacing,
+                                 title, highlight=reg.labels.mask(ids)), path)
+        paths.append(path)
+    return paths
 
 
 def _denormalize_patches(pred: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
