@@ -68,6 +68,18 @@ def test_recovers_a_known_deformation(small_brain, deformed, registration):
             assert (pred & (deformed.label_map == i)).sum() > (pred & (deformed.label_map == j)).sum(), name
 
 
+def test_another_contrast_registers_by_mutual_information(small_brain, deformed, localizer):
+    # A T2-like contrast: the tissue intensities inverted inside the head, the background kept dark.
+    head = deformed.image > 0.1 * deformed.image.max()
+    inverted = np.where(head, deformed.image.max() - deformed.image, 0.0).astype(np.float32)
+    reg = localizer.register(inverted, spacing=deformed.spacing, modality="MR")
+    cm3 = float(np.prod(small_brain.spacing)) / 1000
+    large = [i for i in small_brain.label_names if (deformed.label_map == i).sum() * cm3 > 5.0]
+    dice = dice_per_label(reg.labels.array, deformed.label_map, large)
+    before = dice_per_label(small_brain.label_map, deformed.label_map, large)
+    assert np.mean(list(dice.values())) >= 0.7 and np.mean(list(dice.values())) >= np.mean(list(before.values())) + 0.15
+
+
 @pytest.mark.parametrize(("prompt", "target", "opposite"), [
     ("left putamen", {"Putamen_L"}, {"Putamen_R"}),
     ("right thalamus", None, None),  # AAL3 splits the thalamus into nuclei: every *_R nucleus is the target
