@@ -143,6 +143,13 @@ def test_qc_image_draws_the_atlas_contours(small_brain, deformed, registration):
     assert ((rgb == [255, 40, 40]).all(-1)).sum() > 0  # and the highlighted structure in red
 
 
+class _FastAtlasLocalizer(AtlasLocalizer):
+    """The wiring tests check plumbing, not accuracy: fewer iterations than the defaults."""
+
+    def __init__(self, atlas, **kw):
+        super().__init__(atlas, **{**FAST, **kw})
+
+
 def _unlabelled_folder(small_brain, tmp_path, count: int):
     folder = tmp_path / "scans"
     for seed in range(count):
@@ -151,9 +158,11 @@ def _unlabelled_folder(small_brain, tmp_path, count: int):
     return folder
 
 
-def test_mask_cli_with_the_atlas(small_brain, tmp_path):
+def test_mask_cli_with_the_atlas(small_brain, tmp_path, monkeypatch):
+    from tcm_mim.cli import mask
     from tcm_mim.cli.mask import main
 
+    monkeypatch.setattr(mask, "AtlasLocalizer", _FastAtlasLocalizer)
     folder = _unlabelled_folder(small_brain, tmp_path, 1)
     path = folder / "subject0.nii.gz"
     scan = read_scan(path)
@@ -166,9 +175,11 @@ def test_mask_cli_with_the_atlas(small_brain, tmp_path):
         main(["--image", str(path), "--localizer", "atlas", "--prompt", "heart", "--out", str(out)])
 
 
-def test_pretrain_tcm_on_unlabelled_volumes(small_brain, tmp_path):
+def test_pretrain_tcm_on_unlabelled_volumes(small_brain, tmp_path, monkeypatch):
+    import tcm_mim.localize
     from tcm_mim.train import PretrainConfig, Trainer
 
+    monkeypatch.setattr(tcm_mim.localize, "AtlasLocalizer", _FastAtlasLocalizer)
     folder = _unlabelled_folder(small_brain, tmp_path, 2)
     cfg = PretrainConfig(method="tcm", localizer="atlas", atlas="brain_mri", dataset=str(folder),
                          prompts=["left hippocampus"], encoder="resnet_tiny", decoder_width=16, image_size=32,

@@ -51,12 +51,14 @@ class Registration:
         foreground_dice: Dice of the warped atlas foreground and the scan foreground (1 = perfect).
         metric: final Mattes mutual information of the deformable stage (lower is better).
         seconds: wall time of the registration.
+        cpu_seconds: CPU time of this process during it (all threads): on a shared machine, the cost.
     """
 
     labels: LabelMap
     foreground_dice: float
     metric: float
     seconds: float
+    cpu_seconds: float = float("nan")
 
 
 def _sitk():
@@ -105,7 +107,8 @@ def _extent_mm(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     return np.array([(int(i.max()) - int(i.min()) + 1) * s for i, s in zip(nonzero, spacing)])
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two bool masks of one shape (1.0 when both are empty)."""
     total = int(a.sum()) + int(b.sum())
     return 2.0 * int((a & b).sum()) / total if total else 1.0
 
@@ -238,14 +241,15 @@ class AtlasLocalizer:
         if path is not None and path.is_file():
             with np.load(path) as z:
                 result = Registration(LabelMap(z["labels"], dict(self.atlas.label_names), spacing),
-                                      float(z["foreground_dice"]), float(z["metric"]), float(z["seconds"]))
+                                      float(z["foreground_dice"]), float(z["metric"]), float(z["seconds"]),
+                                      float(z["cpu_seconds"]))
         else:
             result = self._register(image.astype(np.float32, copy=False), spacing, modality)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
                 np.savez(tmp, labels=result.labels.array, foreground_dice=result.foreground_dice,
-                         metric=result.metric, seconds=result.seconds)
+                         metric=result.metric, seconds=result.seconds, cpu_seconds=result.cpu_seconds)
                 os.replace(tmp, path)
         self._memory[key] = result
         return result
@@ -258,7 +262,8 @@ class AtlasLocalizer:
         scan_extent = _extent_mm(scan_fg, spacing)
         atlas_extent = _extent_mm(self._atlas_fg, self.atlas.spacing)
         ratio = scan_extent / atlas_extent
-        bad = [(axis, r) for axis, r in zip("SPL", ratio) if not 1 / self.max_extent_ratio <= r <= self.max_extent_ratio]
+        limit = self.max_extent_ratio
+        bad = [(axis, r) for axis, r in zip("SPL", ratio) if not 1 / limit <= r <= limit]
         if bad:
             raise AtlasRegistrationError(
                 f"AtlasLocalizer: the scan's foreground extent {np.round(scan_extent).tolist()} mm (S, P, L) differs "
@@ -271,7 +276,7 @@ class AtlasLocalizer:
         import time
 
         sitk = _sitk()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         scan_fg = foreground(image, modality)
         self._check_extent(scan_fg, spacing)
         fixed_full = _to_sitk(_clipped(image), spacing)
@@ -324,15 +329,16 @@ class AtlasLocalizer:
         inside = warped >= 0
         labels = np.where(inside, warped // 2, 0).astype(np.int16)
         # The overlap is judged where the atlas has anatomy to compare: the scan may extend beyond it.
-        fg_dice = _dice((warped % 2 == 1) & inside, scan_fg & inside)
-        seconds = time.perf_counter() - start
+        fg_dice = dice((warped % 2 == 1) & inside, scan_fg & inside)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         if fg_dice < self.min_foreground_dice:
             raise AtlasRegistrationError(
                 f"AtlasLocalizer: registration of the atlas {self.atlas.name!r} failed its check: the warped atlas "
                 f"foreground overlaps the scan's foreground with Dice {fg_dice:.3f} < min_foreground_dice="
                 f"{self.min_foreground_dice}; check that the scan shows the atlas's anatomy ({self.atlas.modality}, "
                 f"field of view) or write the QC image (tcm-mask --localizer atlas) to see it")
-        return Registration(LabelMap(labels, dict(self.atlas.label_names), spacing), fg_dice, float(metric), seconds)
+        return Registration(LabelMap(labels, dict(self.atlas.label_names), spacing), fg_dice, float(metric), seconds,
+                            cpu_seconds)
 
     def _method(self, fixed_mask):
         sitk = _sitk()

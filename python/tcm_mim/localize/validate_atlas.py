@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from .._deps import require
 from ..data.scan import Scan
+from .atlas import AtlasLocalizer, dice
 
 LARGE_CM3 = 5.0  # structures larger than this are held to the mean-Dice target
 
@@ -68,12 +71,7 @@ def deform_scan(scan: Scan, seed: int, *, rotation_deg: float = 6.0, scale: floa
 
 def dice_per_label(pred: np.ndarray, truth: np.ndarray, ids) -> dict[int, float]:
     """{label id: Dice of pred == id and truth == id} (1.0 when both are empty)."""
-    out = {}
-    for i in ids:
-        p, t = pred == i, truth == i
-        total = int(p.sum()) + int(t.sum())
-        out[int(i)] = 2.0 * int((p & t).sum()) / total if total else 1.0
-    return out
+    return {int(i): dice(pred == i, truth == i) for i in ids}
 
 
 def prompt_mass(saliency: np.ndarray, truth: np.ndarray, ids, opposite_ids) -> tuple[float, float]:
@@ -89,8 +87,6 @@ def prompt_mass(saliency: np.ndarray, truth: np.ndarray, ids, opposite_ids) -> t
 def write_nifti(path, image: np.ndarray, spacing: tuple[float, ...]) -> None:
     """Save a canonical [S, P, L] volume as NIfTI (RAS affine), so that ``read_scan`` gives it back as it was."""
     nib = require("nibabel", purpose="write_nifti")
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # [S, P, L] -> [L, P, S]; +L and +P are -x and -y in RAS.
@@ -151,7 +147,6 @@ def _mirror(name: str) -> str | None:
 def validate(name: str, seeds: list[int], **settings) -> dict:
     """Register the atlas ``name`` to its deformations ``seeds``; Dice per structure, swaps, prompt mass, time."""
     from ..data import load_embedded
-    from .atlas import AtlasLocalizer
 
     atlas = load_embedded(name)[0]
     localizer = AtlasLocalizer(name, **settings)
@@ -159,12 +154,13 @@ def validate(name: str, seeds: list[int], **settings) -> dict:
     names = atlas.label_names
     by_name = {v: k for k, v in names.items()}
     rows = {"dice": {i: [] for i in names}, "before": {i: [] for i in names}, "seconds": [], "swaps": [],
-            "prompts": {p: [] for p, _, _ in PROMPTS[name]}, "fg_dice": []}
+            "prompts": {p: [] for p, _, _ in PROMPTS[name]}, "fg_dice": [], "cpu": []}
     for seed in seeds:
         truth = deform_scan(atlas, seed)
         unlabelled = dataclasses.replace(truth, label_map=None, label_names={})
         reg = localizer.register(unlabelled)
         rows["seconds"].append(reg.seconds)
+        rows["cpu"].append(reg.cpu_seconds)
         rows["fg_dice"].append(reg.foreground_dice)
         for i, d in dice_per_label(reg.labels.array, truth.label_map, names).items():
             rows["dice"][i].append(d)
@@ -185,6 +181,10 @@ def validate(name: str, seeds: list[int], **settings) -> dict:
     return rows
 
 
+def _mean(values: dict[int, float], ids: list[int]) -> float:
+    return float(np.mean([values[i] for i in ids])) if ids else float("nan")
+
+
 def _table(name: str, rows: dict) -> str:
     names, size = rows["names"], rows["size_cm3"]
     large = [i for i in names if size[i] > LARGE_CM3]
@@ -194,18 +194,18 @@ def _table(name: str, rows: dict) -> str:
     q = np.percentile([mean[i] for i in small], [0, 25, 50, 75, 100]) if small else [float("nan")] * 5
     worst = sorted(large, key=mean.get)[:3]
     lines = [f"**{name}** ({len(rows['seconds'])} deformations; registration {np.min(rows['seconds']):.1f}-"
-             f"{np.max(rows['seconds']):.1f} s, foreground Dice {np.min(rows['fg_dice']):.3f}-"
-             f"{np.max(rows['fg_dice']):.3f})", "",
+             f"{np.max(rows['seconds']):.1f} s wall, {np.min(rows['cpu']):.1f}-{np.max(rows['cpu']):.1f} s CPU; "
+             f"foreground Dice {np.min(rows['fg_dice']):.3f}-{np.max(rows['fg_dice']):.3f})", "",
              "| structures | count | mean Dice after (before) | min | small: min / q1 / median / q3 / max |",
              "|---|---:|---:|---:|---|",
              f"| > {LARGE_CM3:g} cm³ | {len(large)} | **{np.mean([mean[i] for i in large]):.3f}** "
              f"({np.mean([before[i] for i in large]):.3f}) | {min(mean[i] for i in large):.3f} "
              f"({', '.join(f'{names[i]} {mean[i]:.2f}' for i in worst)}) | |",
-             f"| ≤ {LARGE_CM3:g} cm³ | {len(small)} | {np.mean([mean[i] for i in small]) if small else float('nan'):.3f} "
-             f"({np.mean([before[i] for i in small]) if small else float('nan'):.3f}) | | "
+             f"| ≤ {LARGE_CM3:g} cm³ | {len(small)} | {_mean(mean, small):.3f} ({_mean(before, small):.3f}) | | "
              + " / ".join(f"{v:.2f}" for v in q) + " |",
              "", f"left/right swaps: {len(rows['swaps'])} {rows['swaps'] if rows['swaps'] else ''}", "",
-             "| prompt | saliency mass inside (min over deformations) | on the opposite side (max) |", "|---|---:|---:|"]
+             "| prompt | saliency mass inside (min over deformations) | on the opposite side (max) |",
+             "|---|---:|---:|"]
     for prompt, values in rows["prompts"].items():
         inside, other = min(v[0] for v in values), max(v[1] for v in values)
         lines.append(f"| {prompt} | {inside:.3f}{'' if inside >= 0.6 else ' ✗'} | {other:.4f}"
@@ -236,8 +236,6 @@ def _cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                import os
-
                 return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()} threads"
     except OSError:
         pass
@@ -246,8 +244,6 @@ def _cpu_model() -> str:
 
 def _load() -> str:
     try:
-        import os
-
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "n/a"

@@ -26,7 +26,7 @@ class PretrainConfig:
     label_dir: str | None = None  # folder datasets: label maps with the images' names (tcm needs them)
     label_names: str | None = None  # folder datasets: text file of "id name" lines naming the labels
     prompts: list[str] = field(default_factory=lambda: ["left lung", "heart"])  # tcm: the diagnostic text
-    localizer: str = "label"  # tcm: label (the scans' label maps) | atlas (register an atlas: unlabelled scans) | clipseg
+    localizer: str = "label"  # tcm: label (the scans' label maps) | atlas (registered atlas: unlabelled) | clipseg
     atlas: str | None = None  # localizer=atlas: brain_mri | chest_ct; None: the dataset's name if it is one of them
     clipseg_checkpoint: str | None = None  # localizer=clipseg: a local CLIPSeg checkpoint folder
     encoder: str = "resnet_tiny"  # see tcm_mim.models.build_encoder
