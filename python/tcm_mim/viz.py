@@ -103,8 +103,8 @@ def render_atlas_qc(image: np.ndarray, labels: np.ndarray, spacing: tuple[float,
                     highlight: np.ndarray | None = None, min_height: int = 256) -> np.ndarray:
     """uint8 RGB quality-control view of a registration: warped atlas contours on the scan.
 
-    Three orthogonal slices of a 3-D [S, P, L] ``image`` (float in [0, 1]) through the centre of the
-    warped ``labels`` (int [S, P, L]); each slice is shown plain (left) and with every label's contour
+    Three orthogonal slices of a 3-D [S, P, L] ``image`` (float in [0, 1]) through the centre of
+    ``highlight`` (else of the warped ``labels``, int [S, P, L]); each slice is shown plain (left) and with every label's contour
     (right: yellow, ``highlight`` bool [S, P, L] - e.g. the prompt's structures - in red), so a shifted or
     folded atlas is visible at a glance.
     """
@@ -112,7 +112,8 @@ def render_atlas_qc(image: np.ndarray, labels: np.ndarray, spacing: tuple[float,
         raise ValueError(f"render_atlas_qc: image and labels must be 3-D of one shape, got {image.shape} and "
                          f"{labels.shape}")
     rows = []
-    for name, (axis, index) in volume_slices(image.shape, (labels > 0).astype(np.float32)).items():
+    centre_on = highlight if highlight is not None and highlight.any() else labels > 0
+    for name, (axis, index) in volume_slices(image.shape, centre_on.astype(np.float32)).items():
         sp = tuple(s for a, s in enumerate(spacing) if a != axis)
         plane, lab = _take(image, axis, index), _take(labels, axis, index)
         right = _rgb(plane)
