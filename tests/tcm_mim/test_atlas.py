@@ -158,7 +158,7 @@ def _unlabelled_folder(small_brain, tmp_path, count: int):
     return folder
 
 
-def test_mask_cli_with_the_atlas(small_brain, tmp_path, monkeypatch):
+def test_mask_cli_with_the_atlas(small_brain, tmp_path, monkeypatch, capsys):
     from tcm_mim.cli import mask
     from tcm_mim.cli.mask import main
 
@@ -171,8 +171,9 @@ def test_mask_cli_with_the_atlas(small_brain, tmp_path, monkeypatch):
     assert main(["--image", str(path), "--localizer", "atlas", "--atlas", "brain_mri", "--prompt", "left putamen",
                  "--patch-size", "4", "--out", str(out), "--qc-out", str(qc)]) == 0
     assert out.is_file() and qc.is_file()
-    with pytest.raises(SystemExit, match="--localizer atlas needs --atlas"):
-        main(["--image", str(path), "--localizer", "atlas", "--prompt", "heart", "--out", str(out)])
+    capsys.readouterr()
+    assert main(["--image", str(path), "--localizer", "atlas", "--prompt", "heart", "--out", str(out)]) == 2
+    assert "--localizer atlas needs --atlas" in capsys.readouterr().err
 
 
 def test_pretrain_tcm_on_unlabelled_volumes(small_brain, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """tcm-mask: overlay PNGs from the embedded data and from a user's files."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,15 +62,17 @@ def test_user_nifti_with_labels(tmp_path):
     assert out.is_file()
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tmp_path, capsys):
+    """User errors: one line on stderr, exit status 2."""
     pil = pytest.importorskip("PIL.Image")
     pil.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "x.png")
-    with pytest.raises(SystemExit, match="needs a label map: pass --labels"):
-        main(["--image", str(tmp_path / "x.png"), "--prompt", "heart", "--out", str(tmp_path / "o.png")])
-    with pytest.raises(SystemExit, match="--localizer clipseg needs --checkpoint"):
-        main(["--image", str(tmp_path / "x.png"), "--prompt", "heart", "--localizer", "clipseg",
-              "--out", str(tmp_path / "o.png")])
-    with pytest.raises(SystemExit, match="no label matches 'kneecap'.*closest label names"):
-        main(["--dataset", "chest_xray", "--prompt", "kneecap", "--out", str(tmp_path / "o.png")])
-    with pytest.raises(SystemExit, match=r"--index must be in \[0, 2\]"):
-        main(["--dataset", "chest_xray", "--index", "5", "--prompt", "heart", "--out", str(tmp_path / "o.png")])
+    out = str(tmp_path / "o.png")
+    cases = [(["--image", str(tmp_path / "x.png"), "--prompt", "heart"], "needs a label map: pass --labels"),
+             (["--image", str(tmp_path / "x.png"), "--prompt", "heart", "--localizer", "clipseg"],
+              "--localizer clipseg needs --checkpoint"),
+             (["--dataset", "chest_xray", "--prompt", "kneecap"], "no label matches 'kneecap'.*closest label names"),
+             (["--dataset", "chest_xray", "--index", "5", "--prompt", "heart"], r"--index must be in \[0, 2\]")]
+    for args, message in cases:
+        assert main([*args, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert re.match(f"tcm-mask: error: .*{message}", err) and err.count("\n") == 1, err

@@ -36,7 +36,7 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.ratio_at(0) == 0.6 and PretrainConfig(method="tcm").ratio_at(0) == 0.4
     ramp = PretrainConfig(method="amlp", steps=11)
     assert ramp.ratio_at(0) == pytest.approx(0.4) and ramp.ratio_at(10) == pytest.approx(0.7)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key .methd. .*did you mean method"):
         path.write_text("methd: spark\n")
         load_config(path)
     with pytest.raises(ValueError, match="method must be one of"):

@@ -16,11 +16,13 @@ import json
 import pathlib
 import statistics
 import sys
+from collections.abc import Sequence
 
-import torch
-
+from ..cli.common import ArgumentParser, run
+from ..errors import UserError
 from ..models import SparKMIM, build_encoder
-from ..train import PretrainConfig, Trainer, load_config
+from ..train import PretrainConfig, Trainer, checkpoint, load_config
+from ..train.config import METHODS, config_from_dict
 from .probe import evaluate_encoder
 from .tasks import brain_lobe_task, chest_organ_task
 
@@ -37,10 +39,18 @@ def evaluate(encoder, tasks, *, probe_steps: int, finetune_steps: int, seed: int
 
 
 def _encoder_from_checkpoint(path: pathlib.Path):
-    state = torch.load(path, weights_only=False)
-    cfg = PretrainConfig(**state["config"])
+    """The pretrained sparse encoder of a tcm-pretrain checkpoint (verified, loaded with weights_only=True)."""
+    state = checkpoint.load(path, required=("model", "config"))
+    cfg = config_from_dict(state["config"], source=str(path))
+    if cfg.spatial_dims != 2:
+        raise UserError(f"tcm-eval: {path} holds a {cfg.spatial_dims}-D encoder ({cfg.encoder}); the evaluation "
+                        f"tasks are 2-D")
     model = SparKMIM(build_encoder(cfg.encoder, dim=2, in_channels=1), decoder_width=cfg.decoder_width)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # missing / unexpected keys or shapes: the file does not match its config
+        raise checkpoint.CheckpointError(f"checkpoint {path}: its weights do not fit the model its config "
+                                         f"describes: {str(err).splitlines()[0]}") from None
     return model.encoder
 
 
@@ -120,11 +130,12 @@ def _plot(summary, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tcm-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: Sequence[str] | None) -> int:
+    parser = ArgumentParser(prog="tcm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="evaluate this checkpoint only")
-    parser.add_argument("--methods", nargs="+", default=["random", "spark", "tcm", "anatomask", "amlp"])
+    parser.add_argument("--methods", nargs="+", default=["random", "spark", "tcm", "anatomask", "amlp"],
+                        choices=("random", *METHODS), metavar="METHOD",
+                        help="pretraining methods to compare (random: the untrained encoder)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps per method (same budget)")
     parser.add_argument("--probe-steps", type=int, default=150)
@@ -133,19 +144,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="PretrainConfig key=value applied to every run")
     args = parser.parse_args(argv)
+    for flag in ("steps", "probe_steps", "finetune_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     out = pathlib.Path(args.out)
     if args.checkpoint:
+        encoder = _encoder_from_checkpoint(pathlib.Path(args.checkpoint))  # before the tasks: fail fast
         tasks = {"chest": chest_organ_task(), "brain": brain_lobe_task()}
-        encoder = _encoder_from_checkpoint(pathlib.Path(args.checkpoint))
         scores = evaluate(encoder, tasks, probe_steps=args.probe_steps, finetune_steps=args.finetune_steps, seed=0)
         path = write_report({"checkpoint": [scores]}, out, steps=None, seeds=[0],
                             title=f"Evaluation of {args.checkpoint} (seed 0)")
         print(path.read_text())
         return 0
+    for method in args.methods:  # every run's config is checked before the first one trains
+        load_config(None, ["method=spark" if method == "random" else f"method={method}", f"steps={args.steps}",
+                           *args.overrides])
     run_comparison(args.methods, args.seeds, args.steps, out, args.overrides, args.probe_steps, args.finetune_steps,
                    progress=not args.no_progress)
     print((out / "report.md").read_text())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tcm-eval``: 0 on success, 2 on a user error (one line on stderr)."""
+    return run("tcm-eval", _main, argv)
 
 
 if __name__ == "__main__":

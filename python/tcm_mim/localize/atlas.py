@@ -80,11 +80,12 @@ def _clipped(image: np.ndarray) -> np.ndarray:
 def foreground(image: np.ndarray, modality: str | None = None) -> np.ndarray:
     """bool [*S]: the body, as the largest connected component above a threshold, holes filled.
 
-    CT (``modality == "CT"``): above -500 HU (air is about -1000); other modalities: Otsu's threshold
-    of the percentile-clipped image.
+    CT in Hounsfield units (``modality == "CT"`` and values below -500): above -500 HU (air is about
+    -1000); other modalities, and CT already normalised (a prepared corpus stores [0, 1]): Otsu's
+    threshold of the percentile-clipped image.
     """
     ndimage = require("scipy.ndimage", package="scipy", purpose="AtlasLocalizer (foreground mask)")
-    if modality == "CT":
+    if modality == "CT" and float(image.min()) < -500.0:
         mask = image > -500.0
     else:
         sitk = _sitk()
@@ -138,6 +139,8 @@ class AtlasLocalizer:
         cache_dir: folder for the warped labels (one .npz per scan content and settings), or None.
         label_localizer: matches prompts on the warped labels (default ``LabelTextLocalizer()``).
     """
+
+    needs_geometry = True  # __call__ takes a Scan (spacing, modality): what callers such as tcm-prepare check
 
     def __init__(self, atlas: str | Scan = "brain_mri", *, deformable: str = "bspline", registration_mm: float = 4.0,
                  control_point_mm: float = 40.0, affine_iterations: int = 100, bspline_iterations: int = 30,

@@ -147,6 +147,17 @@ _CONVNEXT = {
 }
 
 
+ENCODERS = (*_CONFIGS, *_CONVNEXT)
+
+
+def encoder_patch_size(name: str) -> int:
+    """The patch side (total downsampling) of the encoder ``build_encoder(name)`` builds, without building it."""
+    spec = {**_CONFIGS, **_CONVNEXT}.get(name)
+    if spec is None:
+        raise ValueError(f"encoder_patch_size: name must be one of {list(ENCODERS)}, got {name!r}")
+    return spec.get("stem_stride", 4) * 2 ** (len(spec["depths"]) - 1)
+
+
 def build_encoder(name: str, dim: int = 2, in_channels: int = 1, **overrides) -> _StagedEncoder:
     """Encoder by name: resnet18, resnet50, resnet_tiny, resnet3d, resnet3d_tiny, convnext_tiny, convnext_small."""
     if name in _CONFIGS:

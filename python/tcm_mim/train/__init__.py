@@ -1,6 +1,6 @@
 """Reference pretraining: configuration, data stream, methods (spark, tcm, anatomask, amlp), trainer, CLI."""
 
-from .config import PretrainConfig, load_config
+from .config import ConfigError, PretrainConfig, load_config
 from .trainer import Trainer
 
-__all__ = ["PretrainConfig", "Trainer", "load_config"]
+__all__ = ["ConfigError", "PretrainConfig", "Trainer", "load_config"]

@@ -1,21 +1,24 @@
 """The pretraining loop shared by the four methods.
 
 Per step: a deterministic batch (``SliceStream`` of 2-D crops, ``VolumeStream`` of 3-D
-crops when the config's ``spatial_dims`` is 3), the method's patch scores and
+crops when the config's ``spatial_dims`` is 3, read from a prepared corpus by a DataLoader
+with ``num_workers`` processes), the method's patch scores and
 mask (``tcm_kernels.sample_mask`` with ``offset`` = a function of the step), the
-SparK model, the method's loss, AdamW with warm-up + cosine. Checkpoints are written
-atomically and hold everything a resumed run needs to continue exactly.
+SparK model, the method's loss, AdamW with warm-up + cosine. Checkpoints (``checkpoint.py``:
+atomic, digest-checked, ``weights_only``) hold everything a resumed run needs to continue exactly;
+a lock keeps a second run out of ``out_dir``.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import math
 import os
 import pathlib
+import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -23,10 +26,14 @@ from torch import nn
 
 import tcm_kernels
 
-from ..data import EMBEDDED, FolderDataset, load_embedded
+from ..data import EMBEDDED, PreparedCorpus, embedded_corpus, prepare_corpus
+from ..data.prepare import ensure_saliency
+from ..errors import RunWarning
 from ..models import SparKMIM, build_encoder, set_backend
+from . import checkpoint
 from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
-from .config import PretrainConfig
+from .config import ConfigError, PretrainConfig, resume_changes
+from .loader import build_loader
 from .stream import SliceStream, VolumeStream
 
 # Every method logs every loss column (zero where a term does not apply), so runs line up.
@@ -34,37 +41,50 @@ LOSS_TERMS = ("loss", "recon", "contrastive", "ccl")
 CSV_FIELDS = ("step", *LOSS_TERMS, "lr", "mask_ratio", "images_per_s")
 
 
-def atomic_save(obj, path: pathlib.Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> PreparedCorpus:
+    """The dataset as a prepared corpus, read crop by crop through memory maps.
 
+    An embedded name is prepared into the data cache on first use; a prepared corpus (a folder
+    with a manifest, from ``tcm-prepare``) is used as it is; a raw folder is prepared into
+    ``<out_dir>/corpus`` first (resumable: a later run with the same out_dir reuses it). Under DDP,
+    rank 0 prepares and the other ranks wait for it.
+    """
+    def prepare() -> PreparedCorpus:
+        if cfg.dataset in EMBEDDED:
+            return embedded_corpus(cfg.dataset, fallback=out / "corpus")
+        if PreparedCorpus.is_corpus(cfg.dataset):
+            return PreparedCorpus(cfg.dataset)
+        if pathlib.Path(cfg.dataset).is_dir():
+            report = prepare_corpus(cfg.dataset, out / "corpus", label_dir=cfg.label_dir,
+                                    label_names=cfg.label_names, workers=max(cfg.num_workers, 1), progress=False)
+            if report.failures or not report.rows:
+                print(report.summary(), file=sys.stderr)
+            return PreparedCorpus(out / "corpus")
+        raise ConfigError(f"config: dataset must be one of {EMBEDDED}, a prepared corpus or an existing folder, "
+                          f"got {cfg.dataset!r}")
 
-def _scans(cfg: PretrainConfig, dim: int):
-    """The dataset's scans: an embedded name, or a folder read by :class:`tcm_mim.data.FolderDataset`."""
-    if cfg.dataset in EMBEDDED:
-        scans = load_embedded(cfg.dataset)
-    elif pathlib.Path(cfg.dataset).is_dir():
-        scans = FolderDataset(cfg.dataset, label_dir=cfg.label_dir, label_names=cfg.label_names,
-                              mode="3d" if dim == 3 else "2d").scans
-    else:
-        raise ValueError(f"config: dataset must be one of {EMBEDDED} or an existing folder, got {cfg.dataset!r}")
-    flat = [s.name for s in scans if s.image.ndim != 3]
+    distributed = dist.is_available() and dist.is_initialized()
+    corpus = prepare() if rank == 0 else None
+    if distributed:
+        dist.barrier()
+        corpus = corpus or prepare()  # rank 0 has prepared it: the others only read the manifest
+    flat = [row["source"] for row in corpus.rows if len(row["shape"]) != 3]
     if dim == 3 and flat:
-        raise ValueError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
-                         f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
-                         f"2-D encoder (resnet_tiny)")
+        raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
+                          f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
+                          f"2-D encoder (resnet_tiny)")
     if cfg.method == "tcm" and cfg.localizer == "label":
-        scans = [s for s in scans if s.labels is not None]
-        if not scans:
-            raise ValueError(f"tcm with localizer=label needs scans with label maps for its prompts; {cfg.dataset} "
-                             f"has none: use localizer=atlas (atlas=brain_mri|chest_ct) for unlabelled scans")
+        corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["labels"] is not None])
+        if not corpus.rows:
+            raise ConfigError(f"config: method tcm with localizer=label needs scans with label maps for its "
+                              f"prompts; dataset {cfg.dataset!r} has none (set label_dir for a folder dataset, or "
+                              f"use localizer=atlas atlas=brain_mri|chest_ct for unlabelled volumes)")
     if cfg.method == "tcm" and cfg.localizer == "atlas":
-        scans = [s for s in scans if s.image.ndim == 3]  # an embedded chest_xray's radiographs have no 3-D atlas
-        if not scans:
-            raise ValueError(f"tcm with localizer=atlas needs 3-D volumes; {cfg.dataset} has none")
-    return scans
+        corpus = corpus.select([i for i, row in enumerate(corpus.rows) if len(row["shape"]) == 3])
+        if not corpus.rows:
+            raise ConfigError(f"config: localizer=atlas registers a 3-D atlas, but dataset {cfg.dataset!r} has no "
+                              f"volumes")
+    return corpus
 
 
 class Trainer:
@@ -77,7 +97,7 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
-        scans = _scans(cfg, self.dim)
+        corpus = _corpus(cfg, self.dim, self.out, self.rank)
         self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1), dim=self.dim, in_channels=1,
                               decoder_width=cfg.decoder_width)
         set_backend(self.model, cfg.backend)
@@ -85,13 +105,11 @@ class Trainer:
             for m in self.model.modules():
                 if hasattr(m, "sync"):
                     m.sync = True
-        if cfg.image_size % self.model.patch_size:
-            raise ValueError(f"config: image_size {cfg.image_size} must be a multiple of the encoder's patch size "
-                             f"{self.model.patch_size}")
         self.grid = (cfg.image_size // self.model.patch_size,) * self.dim
-        saliency = self._saliency_provider(scans) if cfg.method == "tcm" else None
+        saliency = self._stored_saliency(corpus) if cfg.method == "tcm" else None
         stream = VolumeStream if self.dim == 3 else SliceStream
-        self.stream = stream(scans, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.data_wait_s = 0.0  # time train() spent waiting for batches (the loader's share of the steps)
         width = self.model.encoder.channels[-1]
         self.head = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64))
         self.ccl_head = nn.Linear(width, 1)  # amlp: the lesion logit of each patch's encoder features
@@ -118,28 +136,28 @@ class Trainer:
         t = (step - self.cfg.warmup_steps) / max(self.cfg.steps - self.cfg.warmup_steps, 1)
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-    def _saliency_provider(self, scans):
-        from ..localize import AtlasLocalizer, CLIPSegLocalizer, LabelTextLocalizer, SaliencyCache
+    def _stored_saliency(self, corpus: PreparedCorpus) -> str:
+        """Store the prompts' saliency beside the corpus's scans where it is missing; the localizer's key."""
+        from ..localize import AtlasLocalizer, CLIPSegLocalizer, LabelTextLocalizer
 
-        cfg, cache = self.cfg, SaliencyCache(self.out / "saliency_cache")
+        cfg = self.cfg
         if cfg.localizer == "atlas":
-            # Registered once per scan, up front (warped labels cached by content under out_dir), with a QC PNG
-            # per scan so that a failed registration is seen before training on it.
+            # Warped labels cached by content under out_dir; a QC PNG per scan shows a failed registration.
             localizer = AtlasLocalizer(cfg.atlas or cfg.dataset, cache_dir=self.out / "atlas_cache")
             if self.rank == 0:
-                write_atlas_qc(localizer, scans, self.out / "atlas_qc", cfg.prompts)
+                write_atlas_qc(localizer, corpus, self.out / "atlas_qc", cfg.prompts)
         elif cfg.localizer == "clipseg":
             localizer = CLIPSegLocalizer(cfg.clipseg_checkpoint)
         else:
             localizer = LabelTextLocalizer()
-
-        def provide(index: int, prompt: str) -> torch.Tensor:
-            scan = scans[index]
-            if cfg.localizer == "atlas":  # the atlas localizer takes the Scan: it needs the spacing and modality
-                return cache.get(scan.name, prompt, localizer, scan)
-            return cache.get(scan.name, prompt, localizer, scan.image, labels=scan.labels)
-
-        return provide
+        if self.rank == 0:
+            ensure_saliency(corpus.root, cfg.prompts, localizer)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        fresh = PreparedCorpus(corpus.root)  # the rows now list the stored saliency
+        by_id = {row["id"]: row for row in fresh.rows}
+        corpus.rows[:] = [by_id[row["id"]] for row in corpus.rows]
+        return localizer.cache_key
 
     def _mask(self, scores: torch.Tensor, strategy: str, ratio: float, offset: int, **kw) -> torch.Tensor:
         return tcm_kernels.sample_mask(scores, ratio, strategy=strategy, seed=self.cfg.seed, offset=offset,
@@ -165,9 +183,12 @@ class Trainer:
             both = model(torch.cat([images, images]), torch.cat([probe, ~probe])).per_patch.float().clamp_min(0)
             return torch.where(probe, both[b:], both[:b])
 
-    def compute_loss(self, step: int) -> dict[str, torch.Tensor]:
+    def compute_loss(self, step: int,
+                     batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The method's losses at ``step``, on ``batch`` (images, saliency) from the loader or else the stream's."""
         cfg = self.cfg
-        images, saliency = self.stream.batch(step * self.world + self.rank, cfg.batch_size)
+        images, saliency = batch if batch is not None else self.stream.batch(step * self.world + self.rank,
+                                                                             cfg.batch_size)
         b, n = images.shape[0], self.num_patches
         ratio = cfg.ratio_at(step)
         zero = torch.zeros((), dtype=torch.float32)
@@ -230,7 +251,7 @@ class Trainer:
                 "ccl_head": self.ccl_head.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "config": dataclasses.asdict(self.cfg), "torch_rng": torch.get_rng_state()}
+                "step": self.step, "config": self.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -241,14 +262,44 @@ class Trainer:
             self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The optimiser's hyperparameters follow this config, not the checkpoint's: equal when resuming
+        # an unchanged run, and what an explicitly changed lr / weight_decay / schedule must become.
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+            group["lr"] = self.cfg.lr * self._lr_factor(self.scheduler.last_epoch)
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> pathlib.Path:
+        """Write ``checkpoint.pt`` (rank 0) with its digest; refused, keeping the last one, if a tensor is
+        not finite (:class:`~tcm_mim.train.checkpoint.CheckpointError`)."""
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_save(self.state_dict(), self.checkpoint_path)
+            checkpoint.save(self.state_dict(), self.checkpoint_path)
         return self.checkpoint_path
+
+    def _resume(self, apply_changes: bool) -> None:
+        """Load ``checkpoint.pt`` if there is one; refuse a config that changes the run unless ``apply_changes``."""
+        path = self.checkpoint_path
+        if not path.exists():
+            warnings.warn(f"--resume: no checkpoint at {path}; starting a fresh run", RunWarning, stacklevel=3)
+            return
+        state = checkpoint.load(path, required=("model", "optimizer", "scheduler", "step", "config"))
+        changes, fixed = resume_changes(state["config"], self.cfg, source=str(path))
+        if fixed:
+            raise ConfigError(f"--resume: {path} was trained with {', '.join(fixed)}; these keys cannot change "
+                              f"on resume (use another out_dir for a new run)")
+        if changes and not apply_changes:
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise ConfigError(f"--resume: the config differs from {path}'s in keys that change the run: {listed}; "
+                              f"pass --apply-config-changes to continue with the new values, or set them back")
+        if self.cfg.steps < int(state["step"]):
+            raise ConfigError(f"--resume: steps {self.cfg.steps} is below the step {state['step']} of {path}")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as err:  # missing entries, shapes or parameter groups
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this run: {type(err).__name__}: "
+                                             f"{' '.join(str(err).split())[:400]}") from None
 
     # ------------------------------------------------------------------ loop
 
@@ -264,22 +315,44 @@ class Trainer:
         writer.writerows(rows)
         return f, writer
 
-    def train(self, *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> pathlib.Path:
-        """Run to ``cfg.steps`` (or ``stop_after`` steps, for tests); returns the checkpoint path."""
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if resume and self.checkpoint_path.exists():
-            self.load_state_dict(torch.load(self.checkpoint_path, weights_only=False))
+    def train(self, *, resume: bool = False, apply_changes: bool = False, stop_after: int | None = None,
+              progress: bool = True) -> pathlib.Path:
+        """Run to ``cfg.steps`` (or ``stop_after`` steps, for tests); returns the checkpoint path.
+
+        ``resume``: continue from ``<out_dir>/checkpoint.pt`` if it exists (else start fresh, with a
+        warning); a config that differs from the checkpoint's in a key that changes the run raises
+        :class:`ConfigError` listing each such key, unless ``apply_changes``. Raises
+        :class:`~tcm_mim.train.checkpoint.RunLockedError` while another run holds ``out_dir``.
+        """
         lead = self.rank == 0  # one process writes logs, images and checkpoints
+        lock = checkpoint.RunLock(self.out).acquire() if lead else None
+        try:
+            if lead:
+                checkpoint.remove_orphan_temps(self.out)
+            if resume:
+                self._resume(apply_changes)
+            self._run(lead, stop_after, progress)
+        finally:
+            if lock is not None:
+                lock.release()
+        return self.checkpoint_path
+
+    def _run(self, lead: bool, stop_after: int | None, progress: bool) -> None:
+        cfg = self.cfg
         f, writer = self._log_rows(self.step) if lead else (None, None)
         tb = _tensorboard(self.out / "tb") if lead else None
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = _progress(total=cfg.steps, initial=self.step, enabled=progress and lead)
         self.model.train()
+        # Only the iterator is kept: deleting it below stops the (persistent) worker processes.
+        batches = iter(build_loader(self.stream, cfg.batch_size, self.step, end, rank=self.rank, world=self.world,
+                                    num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor))
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                losses = self.compute_loss(self.step)
+                batch = next(batches)
+                self.data_wait_s += time.perf_counter() - t0
+                losses = self.compute_loss(self.step, batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 self.optimizer.step()
@@ -304,15 +377,18 @@ class Trainer:
                 if lead and cfg.image_every and self.step % cfg.image_every == 0:
                     self.save_images(self.out / f"step{self.step:06d}.png")
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    if f is not None:  # the log holds every row up to the checkpoint, whatever log_every
+                        f.flush()
+                        os.fsync(f.fileno())
                     self.save_checkpoint()
         finally:
+            del batches
             if f is not None:
                 f.close()
             if bar is not None:
                 bar.close()
             if tb is not None:
                 tb.close()
-        return self.checkpoint_path
 
     def save_images(self, path: pathlib.Path) -> None:
         """image | masked input | reconstruction (de-normalised with each patch's own statistics), per row.
@@ -342,20 +418,24 @@ class Trainer:
         Image.fromarray((grid.numpy() * 255).astype("uint8")).save(path)
 
 
-def write_atlas_qc(localizer, scans, folder: pathlib.Path, prompts) -> list[pathlib.Path]:
-    """Register the atlas to every scan and write ``folder/<scan>.png``: atlas contours on the scan."""
-    from ..data import normalize_intensity
+def write_atlas_qc(localizer, corpus: PreparedCorpus, folder: pathlib.Path, prompts) -> list[pathlib.Path]:
+    """Register the atlas to every scan of ``corpus``; write ``folder/<id>.png``: the atlas contours on the scan."""
+    import numpy as np
+
+    from ..data.prepare import decode_image
+    from ..data.scan import Scan
     from ..viz import render_atlas_qc, save_png
 
     ids = sorted({m.label_id for p in prompts for m in localizer.match(p)})
     paths = []
-    for i, scan in enumerate(scans):
-        reg = localizer.register(scan)
-        path = folder / f"{i:04d}_{pathlib.Path(scan.name).name.split('.')[0] or 'scan'}.png"
-        title = (f"{scan.name}: atlas {localizer.atlas.name} registered in {reg.seconds:.1f} s, foreground Dice "
-                 f"{reg.foreground_dice:.3f}; red: {', '.join(prompts)}")
-        save_png(render_atlas_qc(normalize_intensity(scan.image, scan.modality), reg.labels.array, scan.spacing,
-                                 title, highlight=reg.labels.mask(ids)), path)
+    for row in corpus.rows:
+        image = decode_image(np.load(corpus.root / row["image"]))
+        reg = localizer.register(Scan(row["source"], row["modality"], image, tuple(row["spacing"])))
+        title = (f"{row['source']}: atlas {localizer.atlas.name} registered in {reg.seconds:.1f} s, foreground "
+                 f"Dice {reg.foreground_dice:.3f}; red: {', '.join(prompts)}")
+        path = folder / f"{row['id']}.png"
+        save_png(render_atlas_qc(image, reg.labels.array, tuple(row["spacing"]), title,
+                                 highlight=reg.labels.mask(ids)), path)
         paths.append(path)
     return paths
 
