@@ -196,3 +196,27 @@ def test_pretrain_tcm_on_unlabelled_volumes(small_brain, tmp_path, monkeypatch):
         PretrainConfig(localizer="vlm")
     with pytest.raises(ValueError, match="needs atlas=brain_mri or atlas=chest_ct"):
         PretrainConfig(localizer="atlas", dataset=str(folder))
+
+
+def test_prepare_stores_atlas_saliency_once(small_brain, tmp_path, monkeypatch):
+    import json
+
+    import tcm_mim.localize
+    from tcm_mim.data.prepare import main as prepare_main
+
+    monkeypatch.setattr(tcm_mim.localize, "AtlasLocalizer", _FastAtlasLocalizer)
+    folder = _unlabelled_folder(small_brain, tmp_path, 1)
+    out = tmp_path / "corpus"
+    args = [str(folder), str(out), "--prompts", "left putamen", "--localizer", "atlas", "--atlas", "brain_mri",
+            "--no-progress"]
+    assert prepare_main(args) == 0
+    rows = json.loads((out / "manifest.json").read_text())["scans"]
+    assert [s["prompt"] for s in rows[0]["saliency"]] == ["left putamen"]
+    saliency = np.load(out / rows[0]["saliency"][0]["file"])
+    assert saliency.shape == small_brain.image.shape
+    truth = deform_scan(small_brain, seed=10).label_map  # what _unlabelled_folder wrote as subject0
+    names = {v: k for k, v in small_brain.label_names.items()}
+    inside, other = prompt_mass(saliency.astype(np.float32), truth, {names["Putamen_L"]}, {names["Putamen_R"]})
+    assert inside >= 0.6 and other <= 0.05, (inside, other)
+    assert len(list((out / "atlas_cache").glob("*.npz"))) == 1
+    assert prepare_main(args[:-5] + ["--localizer", "atlas", "--prompts", "x", "--no-progress"]) == 2  # no --atlas
