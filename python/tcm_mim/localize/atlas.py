@@ -28,6 +28,7 @@ import torch
 
 from .._deps import require
 from ..data.scan import LabelMap, Scan
+from .cache import content_digest
 from .label_text import LabelTextLocalizer
 
 ATLASES = ("brain_mri", "chest_ct")
@@ -169,7 +170,7 @@ class AtlasLocalizer:
         self._memory: dict[str, Registration] = {}
         settings = (f"deformable={deformable},registration_mm={registration_mm},control_point_mm={control_point_mm},"
                     f"affine_iterations={affine_iterations},bspline_iterations={bspline_iterations},seed={seed}")
-        atlas_digest = _digest(self.atlas.image, self.atlas.spacing, self.atlas.label_map)
+        atlas_digest = content_digest(self.atlas.image, self.atlas.labels)  # pixels, labels, names, spacing
         self._settings_key = f"{atlas_digest[:16]},{settings}"
         self.cache_key = f"AtlasLocalizer({self.atlas.name},{settings},{self.label_localizer.cache_key})"
 
@@ -237,7 +238,7 @@ class AtlasLocalizer:
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) != 3 or min(spacing) <= 0:
             raise ValueError(f"AtlasLocalizer: spacing must be 3 positive numbers, got {spacing}")
-        key = f"{_digest(image.astype(np.float32, copy=False), spacing)},{modality},{self._settings_key}"
+        key = f"{content_digest(image.astype(np.float32, copy=False))},{spacing},{modality},{self._settings_key}"
         if key in self._memory:
             return self._memory[key]
         path = self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz" if self.cache_dir else None
@@ -369,15 +370,4 @@ def _resampled(image, spacing_mm: float, *, nearest: bool = False):
                          origin.tolist(), [spacing_mm] * 3, image.GetDirection(), 0, source.GetPixelID())
 
 
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            h.update(str((part.dtype, part.shape)).encode())
-            h.update(np.ascontiguousarray(part).tobytes())
-        else:
-            h.update(repr(part).encode())
-    return h.hexdigest()
-
-
-__all__ = ["ATLASES", "AtlasLocalizer", "AtlasRegistrationError", "Registration", "foreground"]
+__all__ = ["ATLASES", "AtlasLocalizer", "AtlasRegistrationError", "Registration", "dice", "foreground"]
