@@ -80,6 +80,34 @@ def test_another_contrast_registers_by_mutual_information(small_brain, deformed,
     assert np.mean(list(dice.values())) >= 0.7 and np.mean(list(dice.values())) >= np.mean(list(before.values())) + 0.15
 
 
+def test_upper_chest_ct_registers_from_the_top_aligned_start(chest_ct, monkeypatch):
+    """A CT of the upper chest only (apex to mid-lung): its centre of mass sits at another level of the atlas.
+
+    From the centred start alone the registration fails its foreground check (the error a user sees);
+    the top- and bottom-aligned starts the localizer adds for short scans recover it. 5 mm chest, 8 mm grid.
+    """
+    import tcm_mim.localize.atlas as atlas_module
+
+    image, spacing = resample_spacing(chest_ct.image, chest_ct.spacing, 5.0, order=1)
+    labels, _ = resample_spacing(chest_ct.label_map, chest_ct.spacing, 5.0, order=0)
+    present = set(np.unique(labels).tolist())
+    atlas = Scan("chest_ct/5mm", "CT", image.astype(np.float32), spacing, chest_ct.orientation,
+                 labels.astype(np.int16), {k: v for k, v in chest_ct.label_names.items() if k in present})
+    truth = deform_scan(atlas, seed=1)
+    top = truth.image.shape[0] * 45 // 100
+    crop = dataclasses.replace(truth, image=truth.image[top:], label_map=None, label_names={})
+    localizer = AtlasLocalizer(atlas, registration_mm=8.0, **FAST)
+    with monkeypatch.context() as m:
+        m.setattr(atlas_module, "PARTIAL_EXTENT", 0.0)  # the centred start only
+        with pytest.raises(AtlasRegistrationError, match="min_foreground_dice"):
+            localizer.register(crop)
+    reg = localizer.register(crop)
+    cm3 = float(np.prod(spacing)) / 1000
+    large = [i for i in atlas.label_names if (truth.label_map[top:] == i).sum() * cm3 > 5.0]
+    dice = dice_per_label(reg.labels.array, truth.label_map[top:], large)
+    assert len(large) > 40 and np.mean(list(dice.values())) >= 0.8, np.mean(list(dice.values()))
+
+
 @pytest.mark.parametrize(("prompt", "target", "opposite"), [
     ("left putamen", {"Putamen_L"}, {"Putamen_R"}),
     ("right thalamus", None, None),  # AAL3 splits the thalamus into nuclei: every *_R nucleus is the target

@@ -36,6 +36,7 @@ DEFORMABLE = ("bspline", "none")
 PERCENTILES = (0.5, 99.5)  # intensity clip before mutual information: keeps padding (-3024 HU) out of the bins
 HISTOGRAM_BINS = 32
 MAX_REGISTRATION_VOXELS = 250_000
+PARTIAL_EXTENT = 0.85  # a scan shorter than this share of the atlas along S gets top- and bottom-aligned starts
 SAMPLES = 20_000  # voxels the metric samples per iteration: the cost per iteration is bounded whatever the scan's size
 
 
@@ -293,18 +294,19 @@ class AtlasLocalizer:
         fixed_mask = _resampled(_to_sitk(scan_fg.astype(np.uint8), spacing), grid_mm, nearest=True)
         moving_mask = _resampled(_to_sitk(self._atlas_fg.astype(np.uint8), self.atlas.spacing), grid_mm, nearest=True)
 
-        initial = sitk.CenteredTransformInitializer(fixed_mask, moving_mask, sitk.AffineTransform(3),
-                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
-        affine_method = self._method(fixed_mask)
-        affine_method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3,
-                                                               numberOfIterations=self.affine_iterations,
-                                                               relaxationFactor=0.7)
-        affine_method.SetOptimizerScalesFromPhysicalShift()
-        affine_method.SetShrinkFactorsPerLevel([4, 2, 1])
-        affine_method.SetSmoothingSigmasPerLevel([2, 1, 0])
-        affine_method.SetInitialTransform(initial, inPlace=False)
-        affine = affine_method.Execute(fixed, moving)
-        metric = affine_method.GetMetricValue()
+        affine, metric = None, np.inf
+        for initial in self._starts(scan_fg, spacing, fixed_mask, moving_mask):
+            affine_method = self._method(fixed_mask)
+            affine_method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3,
+                                                                   numberOfIterations=self.affine_iterations,
+                                                                   relaxationFactor=0.7)
+            affine_method.SetOptimizerScalesFromPhysicalShift()
+            affine_method.SetShrinkFactorsPerLevel([4, 2, 1])
+            affine_method.SetSmoothingSigmasPerLevel([2, 1, 0])
+            affine_method.SetInitialTransform(initial, inPlace=False)
+            candidate = affine_method.Execute(fixed, moving)
+            if affine_method.GetMetricValue() < metric:  # Mattes MI is negated: lower is better
+                affine, metric = candidate, affine_method.GetMetricValue()
         transform = affine
 
         if self.deformable == "bspline":
@@ -343,6 +345,24 @@ class AtlasLocalizer:
                 f"field of view) or write the QC image (tcm-mask --localizer atlas) to see it")
         return Registration(LabelMap(labels, dict(self.atlas.label_names), spacing), fg_dice, float(metric), seconds,
                             cpu_seconds)
+
+    def _starts(self, scan_fg: np.ndarray, spacing: tuple[float, ...], fixed_mask, moving_mask) -> list:
+        """Initial affines: the foregrounds' centres of mass aligned; for a scan shorter than the atlas
+        along S (a CT of the upper chest, a partial head), also its top and its bottom aligned with the
+        atlas's, since its centre of mass then matches a different level of the atlas."""
+        sitk = _sitk()
+        centred = sitk.CenteredTransformInitializer(fixed_mask, moving_mask, sitk.AffineTransform(3),
+                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
+        starts = [centred]
+        scan_s = np.nonzero(scan_fg.any(axis=(1, 2)))[0] * spacing[0]
+        atlas_s = np.nonzero(self._atlas_fg.any(axis=(1, 2)))[0] * self.atlas.spacing[0]
+        if scan_s[-1] - scan_s[0] < PARTIAL_EXTENT * (atlas_s[-1] - atlas_s[0]):
+            for shift in (atlas_s[-1] - scan_s[-1], atlas_s[0] - scan_s[0]):  # tops aligned, bottoms aligned
+                start = sitk.AffineTransform(centred)
+                x, y, _ = start.GetTranslation()
+                start.SetTranslation((x, y, float(shift)))  # ITK z is the S axis; origins are 0 on both grids
+                starts.append(start)
+        return starts
 
     def _method(self, fixed_mask):
         sitk = _sitk()
