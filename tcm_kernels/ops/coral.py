@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from .._autocast import autocast_rule
+from .._core.dtypes import accumulation_dtype
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference.coral import covariance
-from ..reference.info_nce import accumulate_dtype
 
 _OP = "coral_loss"
 
@@ -110,7 +110,7 @@ class CovarianceQueue(torch.nn.Module):
             raise ValueError(f"CovarianceQueue.covariance: needs at least 2 pooled rows, got {self._count}")
         mean = self.row_sum / self._count
         cov = (self.outer_sum - self._count * torch.outer(mean, mean)) / (self._count - 1)
-        return cov.to(accumulate_dtype(self.features.dtype))
+        return cov.to(accumulation_dtype(self.features.dtype))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, capacity={self.capacity}, rows={self._count}"
@@ -130,7 +130,7 @@ def coral_loss(source: torch.Tensor, target: torch.Tensor | CovarianceQueue) -> 
     """
     _check_features(_OP, "source", source)
     d = source.shape[1]
-    acc = accumulate_dtype(source.dtype)
+    acc = accumulation_dtype(source.dtype)
     if isinstance(target, CovarianceQueue):
         if target.dim != d:
             raise ValueError(f"{_OP}: source and target must have the same feature size d, got {d} and {target.dim}")

@@ -46,6 +46,8 @@ from ..reference import sample_mask as _ref
 
 STRATEGIES = ("uniform", "weighted", "stratified", "hardest")
 _OP = "sample_mask"
+# Longest row the Triton kernel holds in one register tile; longer CUDA rows go to the CUDA kernel.
+TRITON_MAX_PATCHES = 16384
 
 
 class MaskSample(NamedTuple):
@@ -87,6 +89,20 @@ def _philox_fake(counters, seed):
     return torch.empty_like(counters)
 
 
+@torch.library.custom_op("tcm::sample_mask_triton", mutates_args=())
+def _sample_mask_triton(scores: torch.Tensor, num_masked: int, strategy: str, seed: int, offset: int,
+                        temperature: float, roi_threshold: float, roi_mask_ratio: float,
+                        hard_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton back end of ``tcm::sample_mask`` (same schema); triton is imported on first use."""
+    from ..triton.sample_mask import sample_mask_triton
+
+    return sample_mask_triton(scores, num_masked, strategy, seed, offset, temperature, roi_threshold, roi_mask_ratio,
+                              hard_fraction)
+
+
+_sample_mask_triton.register_fake(_sample_mask_fake)
+
+
 # The schema of torch.ops.tcm.sample_mask takes ``int seed, int offset``, which torch.compile
 # specializes: every new offset (one per training step) would recompile the graph. This Python
 # custom op declares them SymInt (custom_op's schema for ``int``), so a compiled caller traces
@@ -119,8 +135,8 @@ def _num_masked(mask_ratio: float | torch.Tensor, b: int, n: int) -> int:
 
 
 def _check_scores(scores: torch.Tensor) -> None:
-    if torch.compiler.is_compiling():
-        return  # data-dependent checks would sync and break the graph; eager mode runs them
+    if torch.compiler.is_compiling() or scores.device.type == "meta":
+        return  # data-dependent checks would sync and break the graph (meta: no data); eager mode runs them
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         raise ValueError(f"{_OP}: scores must be finite (no NaN or inf)")
     if scores.numel() and bool((scores < 0).any()):
@@ -157,7 +173,8 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
         roi_threshold, roi_mask_ratio: ``stratified`` ROI cut and ROI masking ratio.
         hard_fraction: ``hardest``: share of M taken from the highest scores.
         backend: force ``"reference" | "cpu" | "triton" | "cuda"``; default picks
-            Triton on CUDA tensors and the compiled kernel on CPU tensors.
+            Triton on CUDA tensors (the CUDA kernel for N > 16384, longer than a Triton tile) and
+            the compiled kernel on CPU tensors.
 
     Returns:
         :class:`MaskSample` ``(visible bool [B, N], ids_keep int64 [B, N-M], ids_restore int64 [B, N])``
@@ -186,15 +203,14 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
     if strategy != "uniform":
         _check_scores(scores)
 
-    chosen = _backend.choose_backend(_OP, scores.device, backend, has_cuda_kernel=True)
+    chosen = _backend.choose_backend(_OP, scores.device, backend, has_cuda_kernel=True,
+                                     prefer_cuda_kernel=scores.shape[-1] > TRITON_MAX_PATCHES)
     s32 = scores.detach().to(torch.float32).contiguous()
     args = (num_masked, strategy, seed, offset, temperature, roi_threshold, roi_mask_ratio, hard_fraction)
     if chosen == "reference":
         out = tuple(t.to(scores.device) for t in _ref.sample_mask(s32, *args))
     elif chosen == "triton":
-        from ..triton.sample_mask import sample_mask_triton
-
-        out = sample_mask_triton(s32, *args)
+        out = torch.ops.tcm.sample_mask_triton(s32, *args)
     elif torch.compiler.is_compiling():
         out = _sample_mask_dynamic_seed(s32, *args)
     else:
