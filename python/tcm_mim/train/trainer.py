@@ -212,7 +212,7 @@ class Trainer:
         else:
             localizer = LabelTextLocalizer()
         if self.rank == 0:
-            ensure_saliency(corpus.root, cfg.prompts, localizer)
+            ensure_saliency(corpus.root, cfg.prompts, localizer, only={row["id"] for row in corpus.rows})
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         fresh = PreparedCorpus(corpus.root)  # the rows now list the stored saliency
