@@ -59,7 +59,7 @@ class _StagedEncoder(nn.Module):
         x, mask = self.stem(x, mask, compact=compact)
         out = []
         for i, stage in enumerate(self.stages):
-            if i > 0:
+            if i > 0 and len(self.downs):
                 if compact:
                     x = self.downs[i - 1](x)  # a new SparseTensor on the coarser grid
                 else:
