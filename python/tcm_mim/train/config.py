@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..models.encoders import ENCODERS, encoder_patch_size
+from ..models.spark import DECODERS
 
 METHODS = ("spark", "tcm", "anatomask", "amlp")
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -98,7 +99,12 @@ class PretrainConfig:
     dim: int | None = _key(None, "2 (slices) or 3 (volumes); null: 3 for an encoder named *3d*, else 2",
                            allowed="2, 3 or null (inferred from the encoder)", check=lambda v: v in (2, 3),
                            resume=FIXED)
-    decoder_width: int = _key(64, "channels of the light decoder", bounds=AT_LEAST_1, resume=FIXED)
+    decoder_width: int = _key(64, "channels of the decoder at its deepest scale (SparK's decoder: 768)",
+                              bounds=AT_LEAST_1, resume=FIXED)
+    decoder: str = _key("light", "light: this package's small U-Net decoder; spark: SparK's (k4/s2 up, "
+                                 "conv3-BN-ReLU6-conv3-BN; docs/methods.md)", choices=DECODERS, resume=FIXED)
+    drop_path: float = _key(0.0, "stochastic depth of the encoder's last block, linear from 0 (SparK's ResNet-50: "
+                                 "0.05)", bounds=Bounds(0, 1, hi_open=True))
     image_size: int = _key(128, "side of the square (2-D) or cubic (3-D) crops, a multiple of the encoder's "
                                 "patch size", bounds=AT_LEAST_1)
     # masking
@@ -107,6 +113,13 @@ class PretrainConfig:
     roi_mask_ratio: float = _key(0.7, "tcm: share of ROI patches masked (background takes the rest of the budget)",
                                  bounds=UNIT)
     roi_threshold: float = _key(0.5, "tcm: patch score above which a patch counts as ROI", bounds=UNIT)
+    tcm_masking: str = _key("overall", "tcm: overall = mask_ratio of all patches, roi_mask_ratio of them on ROI; "
+                                       "region_ratios = fixed shares of each region (the authors' code)",
+                            choices=("overall", "region_ratios"))
+    region_roi_ratio: float = _key(0.8, "tcm region_ratios: share of ROI patches masked (ROI: any positive "
+                                        "saliency in the patch)", bounds=UNIT)
+    region_background_ratio: float = _key(0.4, "tcm region_ratios: share of background patches masked",
+                                          bounds=UNIT)
     hard_fraction_max: float = _key(0.5, "anatomask: curriculum ends at this share of the budget from hard patches",
                                     bounds=UNIT)
     amlp_ratio_start: float = _key(0.4, "amlp: masking ratio at the first step", bounds=OPEN_UNIT)
@@ -118,7 +131,11 @@ class PretrainConfig:
     # losses
     contrastive_weight: float = _key(0.1, "tcm: weight of InfoNCE between the two masked views", bounds=AT_LEAST_0)
     temperature: float = _key(0.2, "tcm: InfoNCE temperature", bounds=POSITIVE)
-    ema: float = _key(0.99, "anatomask: momentum of the EMA teacher", bounds=Bounds(0, 1, hi_open=True))
+    ema: float = _key(0.99, "anatomask: momentum of the EMA teacher (the ramp's start when ema_end is set)",
+                      bounds=Bounds(0, 1, hi_open=True))
+    ema_end: float | None = _key(None, "anatomask: momentum reached, linearly from ema, at a quarter of the steps "
+                                       "(the authors': 0.999 -> 0.9999); null: ema throughout",
+                                 bounds=Bounds(0, 1, hi_open=True))
     # optimisation
     steps: int = _key(200, "optimiser steps of the whole run (may grow on --resume)", bounds=AT_LEAST_1,
                       resume=GROW)
@@ -166,6 +183,9 @@ class PretrainConfig:
                               "got []")
         if any(not p.strip() for p in self.prompts):
             raise ConfigError(f"config: prompts must not contain empty text, got {self.prompts!r}")
+        if self.method == "amlp" and self.mask_ratio is not None:
+            raise ConfigError(f"config: mask_ratio is not used by method amlp (its ratio ramps from amlp_ratio_start "
+                              f"to amlp_ratio_end), got {self.mask_ratio}; set amlp_ratio_end instead")
         patch = encoder_patch_size(self.encoder)
         if self.image_size % patch:
             raise ConfigError(f"config: image_size {self.image_size} must be a multiple of the encoder's patch size "
@@ -186,6 +206,14 @@ class PretrainConfig:
         if self.mask_ratio is not None:
             return self.mask_ratio
         return 0.4 if self.method == "tcm" else 0.6
+
+    def ema_at(self, step: int) -> float:
+        """AnatoMask's teacher momentum after optimiser step ``step``: ``ema``, or the linear ramp from ``ema``
+        to ``ema_end`` over the first quarter of ``steps`` (the authors' schedule), then ``ema_end``."""
+        if self.ema_end is None:
+            return self.ema
+        t = min(step / max(0.25 * self.steps, 1), 1.0)
+        return self.ema + t * (self.ema_end - self.ema)
 
     def hard_fraction_at(self, step: int) -> float:
         """AnatoMask's curriculum: the hard share of the budget grows linearly to ``hard_fraction_max``."""
