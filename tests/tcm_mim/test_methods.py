@@ -1,0 +1,80 @@
+"""Each method as its authors define it (docs/methods.md): TCM's per-region ratios, AMLP's per-image
+attention weight, AnatoMask's selection signal and EMA ramp, config errors. Tiny sizes only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tcm_mim.masking import realised_ratios, region_ratio_mask
+from tcm_mim.train.amlp import attention_recon_loss
+from tcm_mim.train.config import ConfigError, PretrainConfig
+
+
+@pytest.mark.parametrize("roi_ratio,bg_ratio", [(0.8, 0.4), (0.7, 0.3), (0.6, 0.2)])
+def test_region_ratios_fix_each_regions_share(roi_ratio, bg_ratio):
+    """Every image masks round(r * count) of each region, whatever its ROI share (the overall share varies)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    roi = torch.zeros(6, n, dtype=torch.bool)
+    for i, share in enumerate((0.0, 0.1, 0.3, 0.6, 0.9, 1.0)):  # ROI shares around and above 4/7
+        roi[i, torch.randperm(n, generator=gen)[:round(share * n)]] = True
+    visible = region_ratio_mask(roi, roi_ratio, bg_ratio, seed=3, offset=7)
+    for i in range(6):
+        n_roi = int(roi[i].sum())
+        assert int((~visible[i] & roi[i]).sum()) == math.floor(roi_ratio * n_roi + 0.5)
+        assert int((~visible[i] & ~roi[i]).sum()) == math.floor(bg_ratio * (n - n_roi) + 0.5)
+    ratios = realised_ratios(visible, roi)
+    assert abs(float(ratios["roi_masked"]) - roi_ratio) < 0.02 and abs(float(ratios["bg_masked"]) - bg_ratio) < 0.02
+    assert torch.equal(visible, region_ratio_mask(roi, roi_ratio, bg_ratio, seed=3, offset=7))
+    assert not torch.equal(visible, region_ratio_mask(roi, roi_ratio, bg_ratio, seed=3, offset=8))
+
+
+def test_region_ratios_choose_uniformly_within_a_region():
+    roi = torch.zeros(1, 8, dtype=torch.bool)
+    roi[0, :4] = True
+    counts = torch.zeros(8)
+    for offset in range(400):
+        counts += (~region_ratio_mask(roi, 0.5, 0.25, seed=0, offset=offset)[0]).float()
+    freq = counts / 400
+    assert torch.all((freq[:4] - 0.5).abs() < 0.1) and torch.all((freq[4:] - 0.25).abs() < 0.1), freq
+
+
+def test_region_ratio_mask_errors():
+    with pytest.raises(ValueError, match="roi must be bool"):
+        region_ratio_mask(torch.zeros(2, 4), 0.8, 0.4, seed=0, offset=0)
+    with pytest.raises(ValueError, match="background_ratio must be in"):
+        region_ratio_mask(torch.zeros(2, 4, dtype=torch.bool), 0.8, 1.5, seed=0, offset=0)
+
+
+def test_amlp_attention_weight_is_normalised_per_image():
+    """An image with 10x larger errors does not change the weights of the other image's patches."""
+    gen = torch.Generator().manual_seed(0)
+    e = torch.rand(2, 8, generator=gen)
+    visible = torch.zeros(2, 8, dtype=torch.bool)
+    visible[:, :3] = True
+    scaled = e.clone()
+    scaled[1] *= 10
+    expected_num, expected_den = 0.0, 0.0
+    for i in range(2):
+        m = ~visible[i]
+        w = 1 + scaled[i][m] / scaled[i][m].mean()
+        expected_num += float((w * scaled[i][m]).sum())
+        expected_den += float(w.sum())
+    torch.testing.assert_close(attention_recon_loss(scaled, visible), torch.tensor(expected_num / expected_den))
+
+
+def test_amlp_refuses_mask_ratio():
+    with pytest.raises(ConfigError, match="mask_ratio is not used by method amlp"):
+        PretrainConfig(method="amlp", mask_ratio=0.6)
+    PretrainConfig(method="amlp")  # the ramp
+
+
+def test_ema_ramp():
+    cfg = PretrainConfig(method="anatomask", steps=400, ema=0.999, ema_end=0.9999)
+    assert cfg.ema_at(0) == pytest.approx(0.999)
+    assert cfg.ema_at(50) == pytest.approx(0.999 + 0.5 * 0.0009)
+    assert cfg.ema_at(100) == pytest.approx(0.9999) and cfg.ema_at(399) == pytest.approx(0.9999)
+    assert PretrainConfig(method="anatomask", ema=0.99).ema_at(123) == 0.99
