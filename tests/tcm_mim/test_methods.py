@@ -78,3 +78,20 @@ def test_ema_ramp():
     assert cfg.ema_at(50) == pytest.approx(0.999 + 0.5 * 0.0009)
     assert cfg.ema_at(100) == pytest.approx(0.9999) and cfg.ema_at(399) == pytest.approx(0.9999)
     assert PretrainConfig(method="anatomask", ema=0.99).ema_at(123) == 0.99
+
+
+@pytest.mark.parametrize("method", ["spark", "tcm", "anatomask", "amlp"])
+def test_paper_configs_load_and_select_the_authors_settings(method):
+    import pathlib
+
+    from tcm_mim.train.config import load_config
+
+    cfg = load_config(pathlib.Path(__file__).parents[2] / "configs" / f"{method}_paper.yaml")
+    assert cfg.method == method and cfg.decoder == "spark"
+    if method == "tcm":
+        assert cfg.tcm_masking == "region_ratios" and (cfg.region_roi_ratio, cfg.region_background_ratio) == (0.8, 0.4)
+        assert cfg.contrastive_weight == 0.0
+    if method == "anatomask":
+        assert (cfg.ema, cfg.ema_end, cfg.max_grad_norm, cfg.ratio_at(0)) == (0.999, 0.9999, 12.0, 0.6)
+    if method in ("spark", "tcm", "amlp"):
+        assert (cfg.encoder, cfg.decoder_width, cfg.drop_path) == ("resnet50", 768, 0.05)
