@@ -95,3 +95,47 @@ def test_paper_configs_load_and_select_the_authors_settings(method):
         assert (cfg.ema, cfg.ema_end, cfg.max_grad_norm, cfg.ratio_at(0)) == (0.999, 0.9999, 12.0, 0.6)
     if method in ("spark", "tcm", "amlp"):
         assert (cfg.encoder, cfg.decoder_width, cfg.drop_path) == ("resnet50", 768, 0.05)
+
+
+def test_visible_probe_patch_never_outranks_a_masked_one():
+    """AnatoMask's score: whatever the probe's errors, a patch the probe left visible scores 0, below or equal to
+    every patch it masked, so `hardest` selection takes masked-probe patches first."""
+    import tcm_kernels
+    from tcm_mim.train.teacher import masked_probe_scores
+
+    gen = torch.Generator().manual_seed(0)
+    errors = torch.rand(4, 16, generator=gen) * 5
+    probe = tcm_kernels.sample_mask(torch.zeros(4, 16), 0.6, strategy="uniform", seed=1).visible
+    errors[probe] += 100  # visible patches with huge (unconstrained) errors
+    scores = masked_probe_scores(errors, probe)
+    for i in range(4):
+        assert scores[i][probe[i]].max() <= scores[i][~probe[i]].min()
+    hard = tcm_kernels.sample_mask(scores, 0.6, strategy="hardest", hard_fraction=1.0, seed=2).visible
+    assert not (~hard & probe).any()  # the 60 % hardest are exactly the probe's masked 60 %
+
+
+def test_eval_mode_restores_modes_and_keeps_running_stats():
+    from tcm_mim.models import SparKMIM, build_encoder
+    from tcm_mim.train.teacher import eval_mode
+
+    model = SparKMIM(build_encoder("resnet_tiny"), decoder_width=16).train()
+    model.decoder.eval()  # a submodule in its own mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with eval_mode(model), torch.no_grad():
+        model(torch.randn(2, 1, 64, 64), torch.ones(2, 4, dtype=torch.bool))
+    assert model.training and not model.decoder.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_ema_update_follows_parameters_and_running_stats():
+    from tcm_mim.train.teacher import ema_update
+
+    student, teacher = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        student.weight.fill_(2.0)
+        student.running_mean.fill_(1.0)
+        student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, 0.9)
+    torch.testing.assert_close(teacher.weight, torch.full((3,), 1.1))
+    torch.testing.assert_close(teacher.running_mean, torch.full((3,), 0.1))
+    assert int(teacher.num_batches_tracked) == 7
