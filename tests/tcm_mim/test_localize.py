@@ -7,7 +7,7 @@ import torch
 import tcm_kernels
 from tcm_mim.data import LabelMap
 from tcm_mim.localize import (CLIPSegLocalizer, ClusterGuide, LabelTextLocalizer, Localizer, ReconstructionGuide,
-                              SaliencyCache, mask_to_saliency)
+                              SaliencyCache, content_digest, mask_to_saliency)
 from tcm_mim.localize.text import prompt_phrases
 from tcm_mim.masking import mask_from_saliency
 
@@ -288,11 +288,34 @@ def test_saliency_cache_computes_once(tmp_path, brain):
     cache = SaliencyCache(tmp_path)
     first = cache.get("img-1", "heart", Counting(), np.zeros((4, 4)))
     again = cache.get("img-1", "heart", Counting(), np.zeros((4, 4)))
-    other = cache.get("img-2", "heart", Counting(), np.zeros((4, 4)))
-    assert calls == ["heart", "heart"] and again is first and other.shape == (4, 4)
+    renamed = cache.get("img-2", "heart", Counting(), np.zeros((4, 4)))  # same content under another name
+    other = cache.get("img-1", "lung", Counting(), np.zeros((4, 4)))
+    assert calls == ["heart", "lung"] and again is first and renamed is first and other.shape == (4, 4)
     fresh = SaliencyCache(tmp_path)  # a new process: read back from disk
     torch.testing.assert_close(fresh.get("img-1", "heart", Counting(), np.zeros((4, 4))), first)
     assert len(calls) == 2 and fresh.hits == 1
+
+
+def test_saliency_cache_is_invalidated_by_changed_content(tmp_path):
+    class FromLabels:
+        cache_key = "from-labels-v1"
+
+        def __call__(self, image, prompt, *, labels=None):
+            return torch.from_numpy(labels.mask([1]).astype(np.float32))
+
+    image, labels = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.int16)
+    labels[:2] = 1
+    old = SaliencyCache(tmp_path).get("scan", "liver", FromLabels(), image, labels=LabelMap(labels, {1: "liver"}))
+    changed = labels.copy()
+    changed[:2], changed[2:] = 0, 1  # the data under the same name changed: the organ moved
+    # A new process with the same directory and the same name must not return the old saliency.
+    new = SaliencyCache(tmp_path).get("scan", "liver", FromLabels(), image, labels=LabelMap(changed, {1: "liver"}))
+    assert float(old[:2].min()) == 1 and float(new[:2].max()) == 0 and float(new[2:].min()) == 1
+    image2 = image.copy()
+    image2[0, 0] = 1  # a changed pixel is a changed key too
+    liver = LabelMap(labels, {1: "liver"})
+    assert content_digest(image2, liver) != content_digest(image, liver)
+    assert content_digest(image, liver) != content_digest(image, LabelMap(labels, {1: "lung"}))
 
 
 def _tiny_clipseg(path):

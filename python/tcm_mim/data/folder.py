@@ -185,7 +185,7 @@ class FolderDataset(torch.utils.data.Dataset):
     reproducible from (seed, index).
 
     Items are dicts: ``image`` float32 [1, *crop] in [0, 1], ``labels`` int64 [*crop] (when a label
-    map exists), ``id`` (path + slice, the key for a SaliencyCache), ``label_names``.
+    map exists), ``id`` (path + slice), ``label_names``.
     """
 
     def __init__(self, root: str | os.PathLike, *, label_dir: str | os.PathLike | None = None,

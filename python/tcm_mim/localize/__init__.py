@@ -1,10 +1,10 @@
 """Prompt -> saliency: the localizers and score providers that drive differentiated masking."""
 
 from .base import Localizer, mask_to_saliency
-from .cache import SaliencyCache
+from .cache import SaliencyCache, content_digest
 from .clipseg import CLIPSegLocalizer
 from .guides import ClusterGuide, ReconstructionGuide
 from .label_text import LabelTextLocalizer, Match
 
 __all__ = ["CLIPSegLocalizer", "ClusterGuide", "LabelTextLocalizer", "Localizer", "Match", "ReconstructionGuide",
-           "SaliencyCache", "mask_to_saliency"]
+           "SaliencyCache", "content_digest", "mask_to_saliency"]

@@ -88,8 +88,9 @@ class PretrainConfig:
 
     # what to train
     method: str = _key("tcm", "masking method; the loss and extra heads follow it", choices=METHODS, resume=FIXED)
-    dataset: str = _key("chest_ct", "an embedded dataset name (brain_mri, chest_ct, chest_xray) or a folder of "
-                                    "NIfTI / DICOM / PNG files")
+    dataset: str = _key("chest_ct", "an embedded dataset name (brain_mri, chest_ct, chest_xray), a corpus written "
+                                    "by tcm-prepare, or a folder of NIfTI / DICOM / PNG files (prepared into "
+                                    "<out_dir>/corpus first)")
     label_dir: str | None = _key(None, "folder datasets: label maps with the images' names (tcm needs them)")
     label_names: str | None = _key(None, 'folder datasets: text file of "id name" lines naming the labels')
     prompts: list[str] = _key(help="tcm: the diagnostic text, one saliency per prompt (non-empty for tcm)",
@@ -151,6 +152,9 @@ class PretrainConfig:
                                        bounds=POSITIVE)
     skip_nonfinite: int = _key(0, "steps with a NaN/inf loss or gradient that may be skipped (logged) before "
                                   "the run stops", bounds=AT_LEAST_0, resume=FREE)
+    num_workers: int = _key(2, "DataLoader worker processes building batches (0: in the training process)",
+                            bounds=AT_LEAST_0, resume=FREE)
+    prefetch_factor: int = _key(2, "batches each loader worker prepares ahead", bounds=AT_LEAST_1, resume=FREE)
     # where and how it runs
     device: str = _key("auto", "auto: cuda:$LOCAL_RANK under torchrun with CUDA, else cuda if available, else cpu",
                        resume=FREE, allowed="auto | cpu | cuda | cuda:N",

@@ -1,7 +1,8 @@
 """The pretraining loop shared by the four methods.
 
 Per step: a deterministic batch (``SliceStream`` of 2-D crops, ``VolumeStream`` of 3-D
-crops when the config's ``spatial_dims`` is 3), the method's patch scores and
+crops when the config's ``spatial_dims`` is 3, read from a prepared corpus by a DataLoader
+with ``num_workers`` processes), the method's patch scores and
 mask (``tcm_kernels.sample_mask`` with ``offset`` = a function of the step), the
 SparK model, the method's loss, AdamW with warm-up + cosine. Checkpoints (``checkpoint.py``:
 atomic, digest-checked, ``weights_only``) hold everything a resumed run needs to continue exactly;
@@ -15,6 +16,7 @@ import csv
 import math
 import os
 import pathlib
+import sys
 import time
 import warnings
 
@@ -24,12 +26,14 @@ from torch import nn
 
 import tcm_kernels
 
-from ..data import EMBEDDED, FolderDataset, load_embedded
+from ..data import EMBEDDED, PreparedCorpus, embedded_corpus, prepare_corpus
+from ..data.prepare import ensure_saliency
 from ..errors import RunWarning
 from ..models import SparKMIM, build_encoder, set_backend
 from . import checkpoint
 from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
 from .config import ConfigError, PretrainConfig, resume_changes
+from .loader import build_loader
 from .stream import SliceStream, VolumeStream
 
 # Every method logs every loss column (zero where a term does not apply), so runs line up.
@@ -37,26 +41,44 @@ LOSS_TERMS = ("loss", "recon", "contrastive", "ccl")
 CSV_FIELDS = ("step", *LOSS_TERMS, "lr", "mask_ratio", "images_per_s")
 
 
-def _scans(cfg: PretrainConfig, dim: int):
-    """The dataset's scans: an embedded name, or a folder read by :class:`tcm_mim.data.FolderDataset`."""
-    if cfg.dataset in EMBEDDED:
-        scans = load_embedded(cfg.dataset)
-    elif pathlib.Path(cfg.dataset).is_dir():
-        scans = FolderDataset(cfg.dataset, label_dir=cfg.label_dir, label_names=cfg.label_names,
-                              mode="3d" if dim == 3 else "2d").scans
-    else:
-        raise ConfigError(f"config: dataset must be one of {EMBEDDED} or an existing folder, got {cfg.dataset!r}")
-    flat = [s.name for s in scans if s.image.ndim != 3]
+def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> PreparedCorpus:
+    """The dataset as a prepared corpus, read crop by crop through memory maps.
+
+    An embedded name is prepared into the data cache on first use; a prepared corpus (a folder
+    with a manifest, from ``tcm-prepare``) is used as it is; a raw folder is prepared into
+    ``<out_dir>/corpus`` first (resumable: a later run with the same out_dir reuses it). Under DDP,
+    rank 0 prepares and the other ranks wait for it.
+    """
+    def prepare() -> PreparedCorpus:
+        if cfg.dataset in EMBEDDED:
+            return embedded_corpus(cfg.dataset, fallback=out / "corpus")
+        if PreparedCorpus.is_corpus(cfg.dataset):
+            return PreparedCorpus(cfg.dataset)
+        if pathlib.Path(cfg.dataset).is_dir():
+            report = prepare_corpus(cfg.dataset, out / "corpus", label_dir=cfg.label_dir,
+                                    label_names=cfg.label_names, workers=max(cfg.num_workers, 1), progress=False)
+            if report.failures or not report.rows:
+                print(report.summary(), file=sys.stderr)
+            return PreparedCorpus(out / "corpus")
+        raise ConfigError(f"config: dataset must be one of {EMBEDDED}, a prepared corpus or an existing folder, "
+                          f"got {cfg.dataset!r}")
+
+    distributed = dist.is_available() and dist.is_initialized()
+    corpus = prepare() if rank == 0 else None
+    if distributed:
+        dist.barrier()
+        corpus = corpus or prepare()  # rank 0 has prepared it: the others only read the manifest
+    flat = [row["source"] for row in corpus.rows if len(row["shape"]) != 3]
     if dim == 3 and flat:
         raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
                           f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
                           f"2-D encoder (resnet_tiny)")
     if cfg.method == "tcm":
-        scans = [s for s in scans if s.labels is not None]
-        if not scans:
+        corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["labels"] is not None])
+        if not corpus.rows:
             raise ConfigError(f"config: method tcm needs scans with label maps for its prompts; dataset "
                               f"{cfg.dataset!r} has none (set label_dir for a folder dataset)")
-    return scans
+    return corpus
 
 
 class Trainer:
@@ -69,7 +91,7 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
-        scans = _scans(cfg, self.dim)
+        corpus = _corpus(cfg, self.dim, self.out, self.rank)
         self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1), dim=self.dim, in_channels=1,
                               decoder_width=cfg.decoder_width)
         set_backend(self.model, cfg.backend)
@@ -78,9 +100,10 @@ class Trainer:
                 if hasattr(m, "sync"):
                     m.sync = True
         self.grid = (cfg.image_size // self.model.patch_size,) * self.dim
-        saliency = self._saliency_provider(scans) if cfg.method == "tcm" else None
+        saliency = self._stored_saliency(corpus) if cfg.method == "tcm" else None
         stream = VolumeStream if self.dim == 3 else SliceStream
-        self.stream = stream(scans, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.data_wait_s = 0.0  # time train() spent waiting for batches (the loader's share of the steps)
         width = self.model.encoder.channels[-1]
         self.head = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64))
         self.ccl_head = nn.Linear(width, 1)  # amlp: the lesion logit of each patch's encoder features
@@ -107,16 +130,19 @@ class Trainer:
         t = (step - self.cfg.warmup_steps) / max(self.cfg.steps - self.cfg.warmup_steps, 1)
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-    def _saliency_provider(self, scans):
-        from ..localize import LabelTextLocalizer, SaliencyCache
+    def _stored_saliency(self, corpus: PreparedCorpus) -> str:
+        """Store the prompts' saliency beside the corpus's scans where it is missing; the localizer's key."""
+        from ..localize import LabelTextLocalizer
 
-        localizer, cache = LabelTextLocalizer(), SaliencyCache(self.out / "saliency_cache")
-
-        def provide(index: int, prompt: str) -> torch.Tensor:
-            scan = scans[index]
-            return cache.get(scan.name, prompt, localizer, scan.image, labels=scan.labels)
-
-        return provide
+        localizer = LabelTextLocalizer()
+        if self.rank == 0:
+            ensure_saliency(corpus.root, self.cfg.prompts, localizer)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        fresh = PreparedCorpus(corpus.root)  # the rows now list the stored saliency
+        by_id = {row["id"]: row for row in fresh.rows}
+        corpus.rows[:] = [by_id[row["id"]] for row in corpus.rows]
+        return localizer.cache_key
 
     def _mask(self, scores: torch.Tensor, strategy: str, ratio: float, offset: int, **kw) -> torch.Tensor:
         return tcm_kernels.sample_mask(scores, ratio, strategy=strategy, seed=self.cfg.seed, offset=offset,
@@ -142,9 +168,12 @@ class Trainer:
             both = model(torch.cat([images, images]), torch.cat([probe, ~probe])).per_patch.float().clamp_min(0)
             return torch.where(probe, both[b:], both[:b])
 
-    def compute_loss(self, step: int) -> dict[str, torch.Tensor]:
+    def compute_loss(self, step: int,
+                     batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The method's losses at ``step``, on ``batch`` (images, saliency) from the loader or else the stream's."""
         cfg = self.cfg
-        images, saliency = self.stream.batch(step * self.world + self.rank, cfg.batch_size)
+        images, saliency = batch if batch is not None else self.stream.batch(step * self.world + self.rank,
+                                                                             cfg.batch_size)
         b, n = images.shape[0], self.num_patches
         ratio = cfg.ratio_at(step)
         zero = torch.zeros((), dtype=torch.float32)
@@ -300,10 +329,15 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = _progress(total=cfg.steps, initial=self.step, enabled=progress and lead)
         self.model.train()
+        # Only the iterator is kept: deleting it below stops the (persistent) worker processes.
+        batches = iter(build_loader(self.stream, cfg.batch_size, self.step, end, rank=self.rank, world=self.world,
+                                    num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor))
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                losses = self.compute_loss(self.step)
+                batch = next(batches)
+                self.data_wait_s += time.perf_counter() - t0
+                losses = self.compute_loss(self.step, batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 self.optimizer.step()
@@ -333,6 +367,7 @@ class Trainer:
                         os.fsync(f.fileno())
                     self.save_checkpoint()
         finally:
+            del batches
             if f is not None:
                 f.close()
             if bar is not None:
