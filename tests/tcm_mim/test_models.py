@@ -440,3 +440,14 @@ def test_param_groups_exempt_mask_tokens_norms_and_biases():
     assert id(model.encoder.stem.norm.weight) in ids and id(model.densify_norms[0].bias) in ids
     assert id(model.encoder.stem.conv.weight) not in ids
     assert sorted(map(id, decay["params"] + no_decay["params"])) == sorted(map(id, model.parameters()))
+
+
+def test_sync_decoder_norms_on_gpu_devices_only():
+    from tcm_mim.models import sync_decoder_norms
+
+    model = SparKMIM(build_encoder("resnet_tiny"), decoder="spark", decoder_width=32)
+    assert not sync_decoder_norms(model, torch.device("cpu"))  # torch's SyncBatchNorm has no CPU forward
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert sync_decoder_norms(model, torch.device("cuda"))  # the conversion itself needs no GPU
+    norms = [m for m in model.decoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)

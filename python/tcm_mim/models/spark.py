@@ -39,11 +39,17 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def sync_decoder_norms(model: nn.Module) -> nn.Module:
+def sync_decoder_norms(model: nn.Module, device: torch.device) -> bool:
     """Under DDP: the dense decoder's batch norms become ``nn.SyncBatchNorm`` (SparK's ``sbn``), so their
-    statistics cover every rank's batch as the sparse norms' do (``sync=True``). Returns ``model``."""
+    statistics cover every rank's batch as the sparse norms' do (``sync=True``).
+
+    torch's SyncBatchNorm runs on GPUs only (CUDA, XPU, a PrivateUse1 device); on a CPU process group (tests)
+    the decoder's norms stay per rank. Returns whether they were converted.
+    """
+    if device.type == "cpu":
+        return False
     model.decoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.decoder)
-    return model
+    return True
 
 
 def set_backend(model: nn.Module, backend: str | None) -> nn.Module:
