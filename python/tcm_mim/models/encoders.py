@@ -73,6 +73,13 @@ class _StagedEncoder(nn.Module):
         return out
 
 
+def _drop_path_rates(drop_path: float, blocks: int, owner: str) -> list[float]:
+    """timm's stochastic-depth rule: rates growing linearly from 0 at the first block to ``drop_path`` at the last."""
+    if not 0 <= drop_path < 1:
+        raise ValueError(f"{owner}: drop_path must be in [0, 1), got {drop_path}")
+    return torch.linspace(0, drop_path, blocks).tolist() if blocks > 1 else [drop_path]
+
+
 class SparseResNet(_StagedEncoder):
     """ResNet sparse encoder (2D or 3D).
 
@@ -108,13 +115,11 @@ class SparseResNet(_StagedEncoder):
         if block not in BLOCKS or len(depths) != len(widths) or not depths:
             raise ValueError(f"SparseResNet: block in {tuple(BLOCKS)}, depths and widths of one length; "
                              f"got {block!r}, {depths}, {widths}")
-        if not 0 <= drop_path < 1:
-            raise ValueError(f"SparseResNet: drop_path must be in [0, 1), got {drop_path}")
+        rates = _drop_path_rates(drop_path, sum(depths), "SparseResNet")
         cls = BLOCKS[block]
         self.stem = ResNetStem(in_channels, widths[0], dim, norm) if stem == "resnet" else \
             PatchifyStem(in_channels, widths[0], stem_stride, dim, norm)
         self.downs, self.stages, self.channels = nn.ModuleList(), nn.ModuleList(), []
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist() if sum(depths) > 1 else [drop_path]
         cin = widths[0]
         for i, (depth, width) in enumerate(zip(depths, widths)):
             if i > 0 and stem == "patchify":
@@ -142,15 +147,19 @@ class _NormDown(nn.Module):
 
 
 class SparseConvNeXt(_StagedEncoder):
-    """ConvNeXt-style sparse encoder: depthwise 7^d submanifold convs and channel LayerNorm."""
+    """ConvNeXt-style sparse encoder: depthwise 7^d submanifold convs and channel LayerNorm; ``drop_path`` as
+    :class:`SparseResNet`'s."""
 
     def __init__(self, dim: int = 2, in_channels: int = 1, depths: Sequence[int] = (2, 2, 6, 2),
-                 widths: Sequence[int] = (48, 96, 192, 384), stem_stride: int = 4, kernel: int = 7):
+                 widths: Sequence[int] = (48, 96, 192, 384), stem_stride: int = 4, kernel: int = 7,
+                 drop_path: float = 0.0):
         super().__init__(stem_stride, "layer")
+        rates = _drop_path_rates(drop_path, sum(depths), "SparseConvNeXt")
         self.stem = PatchifyStem(in_channels, widths[0], stem_stride, dim, "layer")
         self.downs = nn.ModuleList(_NormDown(widths[i - 1], widths[i], dim, "layer") for i in range(1, len(widths)))
         self.stages = nn.ModuleList(
-            nn.ModuleList(ConvNeXtBlock(w, w, dim, "layer", kernel) for _ in range(d)) for d, w in zip(depths, widths))
+            nn.ModuleList(ConvNeXtBlock(w, w, dim, "layer", kernel, drop_path=rates.pop(0)) for _ in range(d))
+            for d, w in zip(depths, widths))
         self.channels = list(widths)
 
 

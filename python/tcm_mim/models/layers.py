@@ -265,10 +265,11 @@ class ConvNeXtBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, width: int, dim: int, norm: str = "layer", kernel: int = 7):
+    def __init__(self, cin: int, width: int, dim: int, norm: str = "layer", kernel: int = 7, drop_path: float = 0.0):
         super().__init__()
         if cin != width:
             raise ValueError(f"ConvNeXtBlock keeps the width: cin {cin} != width {width}")
+        self.drop_path = drop_path
         self.dw = make_conv(width, width, kernel, dim, groups=width, bias=True)
         self.norm = make_norm(norm, width, dim)
         self.fc1 = make_conv(width, 4 * width, 1, dim, bias=True)
@@ -277,6 +278,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x: Features, mask: torch.Tensor | None = None) -> Features:
         y = apply(self.norm, apply(self.dw, x, mask), mask)
         y = apply(self.fc2, pointwise(nn.functional.gelu, apply(self.fc1, y, mask)), mask)  # gelu(0) = 0
+        y = drop_path(y, self.drop_path, self.training)
         return x.replace_features(x.features + y.features) if isinstance(x, SparseTensor) else x + y
 
 
