@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference.coral import covariance
 from ..reference.info_nce import accumulate_dtype
@@ -102,6 +103,7 @@ class CovarianceQueue(torch.nn.Module):
         return f"dim={self.dim}, capacity={self.capacity}, rows={self._count}"
 
 
+@autocast_rule("fp32")
 def coral_loss(source: torch.Tensor, target: torch.Tensor | CovarianceQueue) -> torch.Tensor:
     """CORAL loss ||C_s - C_t||_F^2 / (4 d^2) between two feature sets.
 

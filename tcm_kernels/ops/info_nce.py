@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_real, check_same_device, check_tensor
 from ..reference import info_nce as _ref
 
@@ -140,6 +141,7 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor, reduction: str, gather: bool
                          f"got {a.shape[0]}")
 
 
+@autocast_rule("fp32")
 def info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float | torch.Tensor, symmetric: bool = True,
              gather: bool = False, reduction: str = "mean", normalize: bool = False, group=None,
              block_size: int | None = None, backend: str | None = None) -> torch.Tensor:

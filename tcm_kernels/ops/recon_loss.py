@@ -28,6 +28,7 @@ import math
 import torch
 
 from .. import _backend
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_real, check_same_device, check_tensor
 from ..reference import recon_loss as _ref
 
@@ -82,6 +83,7 @@ def _patch_tuple(patch_size, spatial: tuple[int, ...]) -> list[int]:
     return ps
 
 
+@autocast_rule("fp32")
 def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor,
                       patch_size: int | tuple[int, ...], norm_pix: bool = True, eps: float = 1e-6, *,
                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_real, check_tensor
 from ..reference import sample_mask as _ref
 
@@ -86,6 +87,21 @@ def _philox_fake(counters, seed):
     return torch.empty_like(counters)
 
 
+# The schema of torch.ops.tcm.sample_mask takes ``int seed, int offset``, which torch.compile
+# specializes: every new offset (one per training step) would recompile the graph. This Python
+# custom op declares them SymInt (custom_op's schema for ``int``), so a compiled caller traces
+# them as dynamic values, and calls the compiled kernel with concrete ints when the graph runs.
+@torch.library.custom_op("tcm::sample_mask_dynamic_seed", mutates_args=())
+def _sample_mask_dynamic_seed(scores: torch.Tensor, num_masked: int, strategy: str, seed: int, offset: int,
+                              temperature: float, roi_threshold: float, roi_mask_ratio: float,
+                              hard_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.tcm.sample_mask(scores, num_masked, strategy, seed, offset, temperature, roi_threshold,
+                                     roi_mask_ratio, hard_fraction)
+
+
+_sample_mask_dynamic_seed.register_fake(_sample_mask_fake)
+
+
 def _num_masked(mask_ratio: float | torch.Tensor, b: int, n: int) -> int:
     if isinstance(mask_ratio, torch.Tensor):
         if mask_ratio.dim() != 1 or mask_ratio.shape[0] != b:
@@ -112,7 +128,9 @@ def _check_scores(scores: torch.Tensor) -> None:
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # torch.compile turns an int argument that changes between calls into a SymInt; accepting it
+    # keeps a new seed/offset from recompiling.
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{_OP}: {name} must be an int, got {type(value).__name__}")
     if not 0 <= value < 2**63:
         raise ValueError(f"{_OP}: {name} must be in [0, 2^63), got {value}")
@@ -133,7 +151,8 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
         seed, offset: Philox key and stream; the same pair gives the same mask on
             every back end. Use a new ``offset`` per step for independent masks.
             When ``seed`` is None, seed and offset are drawn from ``generator``
-            (or the default CPU generator).
+            (or the default CPU generator). Under ``torch.compile`` a new seed or
+            offset does not recompile (after the one recompile that makes them dynamic).
         temperature: in [1e-4, 1e4]; ``weighted`` samples with probability ~ score^(1/temperature).
         roi_threshold, roi_mask_ratio: ``stratified`` ROI cut and ROI masking ratio.
         hard_fraction: ``hardest``: share of M taken from the highest scores.
@@ -176,11 +195,14 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
         from ..triton.sample_mask import sample_mask_triton
 
         out = sample_mask_triton(s32, *args)
+    elif torch.compiler.is_compiling():
+        out = _sample_mask_dynamic_seed(s32, *args)
     else:
         out = torch.ops.tcm.sample_mask(s32, *args)
     return MaskSample(*out)
 
 
+@autocast_rule("fp32")
 def patch_scores(saliency: torch.Tensor, patch_size: int | tuple[int, ...], *, reduce: str = "mean") -> torch.Tensor:
     """Pool a pixel/voxel saliency map to one score per patch.
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import sparse_norm as _ref
 
@@ -209,6 +210,7 @@ def _run(x, mask, weight, bias, eps, kind, groups, stats, sync_group, backend):
     return y.reshape(x.shape), mean, var, n
 
 
+@autocast_rule("fp32")
 def sparse_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean: torch.Tensor | None = None,
                       running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, training: bool = True, momentum: float = 0.1,
@@ -266,6 +268,7 @@ def sparse_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean: torch.T
     return y
 
 
+@autocast_rule("fp32")
 def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, eps: float = 1e-5, *,
                       backend: str | None = None) -> torch.Tensor:
@@ -285,6 +288,7 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weig
     return _run(x, mask, weight, bias, eps, "group", num_groups, None, None, chosen)[0]
 
 
+@autocast_rule("fp32")
 def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None, eps: float = 1e-5, *,
                          backend: str | None = None) -> torch.Tensor:
@@ -301,6 +305,7 @@ def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tens
     return _run(x, mask, weight, bias, eps, "instance", 1, None, None, chosen)[0]
 
 
+@autocast_rule("fp32")
 def sparse_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, eps: float = 1e-6, *, channels_last: bool = False,
                       backend: str | None = None) -> torch.Tensor:
@@ -335,6 +340,7 @@ def sparse_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor 
     return y if channels_last else y.movedim(-1, 1)
 
 
+@autocast_rule("lowp")
 def densify(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
     """SparK's densify: x at active sites, the learned per-channel ``mask_token`` elsewhere.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .sparse_norm import _all_reduce, _group_moments
 
@@ -195,6 +196,7 @@ def _from_groups(t: torch.Tensor, c: int) -> torch.Tensor:
     """[B, G] -> [B, C]: each group's value on its channels."""
     return t if t.shape[1] == c else t.repeat_interleave(c // t.shape[1], dim=1)
 
+@autocast_rule("fp32")
 def compact_batch_norm(features: torch.Tensor, running_mean: torch.Tensor | None = None,
                        running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, training: bool = True, momentum: float = 0.1,
@@ -253,6 +255,7 @@ def compact_batch_norm(features: torch.Tensor, running_mean: torch.Tensor | None
     return y
 
 
+@autocast_rule("fp32")
 def compact_group_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int, num_groups: int,
                        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                        eps: float = 1e-5) -> torch.Tensor:
@@ -275,6 +278,7 @@ def compact_group_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_
     return _SegmentNorm.apply(features, batch_index.long(), batch_size, num_groups, weight, bias, float(eps))
 
 
+@autocast_rule("fp32")
 def compact_instance_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int,
                           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                           eps: float = 1e-5) -> torch.Tensor:
@@ -286,6 +290,7 @@ def compact_instance_norm(features: torch.Tensor, batch_index: torch.Tensor, bat
     return compact_group_norm(features, batch_index, batch_size, features.shape[1], weight, bias, eps)
 
 
+@autocast_rule("fp32")
 def compact_layer_norm(features: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                        eps: float = 1e-6) -> torch.Tensor:
     """Layer norm over the channels of each row: features [N, C] -> [N, C]."""

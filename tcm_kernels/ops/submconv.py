@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from .._autocast import autocast_rule
 from .._checks import check_same_device, check_tensor
 from ..reference import submconv as _ref
 from ..sparse_tensor import KernelMap, SparseTensor
@@ -123,6 +124,7 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("tcm::submconv_forward", _backward, setup_context=setup_conv_context)
 
 
+@autocast_rule("lowp")
 def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      dilation: int | tuple[int, ...] = 1, groups: int = 1, patch_size: int | None = None,
                      backend: str | None = None, chunk_rows: int = 0, path: str = "auto") -> torch.Tensor:
@@ -210,6 +212,7 @@ def is_patch_aligned(mask: torch.Tensor, patch_size: int) -> bool:
     return bool(torch.equal(up, mask))
 
 
+@autocast_rule("lowp")
 def sparse_downsample(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                       stride: int, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparK's downsampling between stages: conv with kernel = stride, output mask = max-pool of the mask.
@@ -326,6 +329,7 @@ torch.library.register_autograd("tcm::submconv_compact_forward", _compact_backwa
                                 setup_context=_compact_setup_context)
 
 
+@autocast_rule("lowp")
 def submanifold_conv_compact(features: torch.Tensor, kernel_map: KernelMap, weight: torch.Tensor,
                              bias: torch.Tensor | None = None, *, dilation: int | tuple[int, ...] = 1, groups: int = 1,
                              backend: str | None = None, chunk_rows: int = 0) -> torch.Tensor:
@@ -367,6 +371,7 @@ def _compact_reference(features: torch.Tensor, grid: torch.Tensor, sites: torch.
     return y.movedim(1, -1).reshape(grid.numel(), -1).index_select(0, sites)
 
 
+@autocast_rule("lowp")
 def sparse_downsample_compact(x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                               stride: int) -> SparseTensor:
     """:func:`sparse_downsample` on the compact layout: SparseTensor [N, Cin] -> SparseTensor [N_out, Cout].

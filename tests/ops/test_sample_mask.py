@@ -353,3 +353,26 @@ def test_torch_compile_fullgraph():
     eager = step(s, x)
     compiled = torch.compile(step, fullgraph=True)(s, x)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+@pytest.mark.parametrize("backend", [None, backend_param("sample_mask", "triton")])
+def test_compiled_step_does_not_recompile_for_new_seed_or_offset(backend):
+    """A training step gives sample_mask a new offset (and here a new seed) every call: after the
+    warm-up (the first call, and the one recompile that makes the ints dynamic) 20 further steps
+    reuse the graph and match eager exactly. aot_eager: the guards are dynamo's, and inductor's
+    C++ compile would take minutes on the CI machine."""
+    def step(scores, x, seed, offset):
+        out = tcm_kernels.sample_mask(scores, 0.4, strategy="weighted", seed=seed, offset=offset, backend=backend)
+        return x.gather(1, out.ids_keep) * 2, out.visible
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    for warm in range(2):
+        compiled(torch.rand(2, 16, generator=g), torch.randn(2, 16, generator=g), 7 + warm, warm)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step_index in range(2, 22):
+        s, x = torch.rand(2, 16, generator=g), torch.randn(2, 16, generator=g)
+        got, want = compiled(s, x, 7 + step_index, 3 * step_index), step(s, x, 7 + step_index, 3 * step_index)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"step {step_index}"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "a new seed/offset recompiled"

@@ -158,15 +158,16 @@ def test_ccl_trains_its_head_and_the_encoder_and_is_in_the_amlp_loss(tmp_path):
     assert math.isfinite(losses["ccl"].item()) and losses["ccl"].item() > 0
     torch.testing.assert_close(losses["loss"], losses["recon"] + trainer.cfg.amlp_ccl_weight * losses["ccl"])
     losses["ccl"].backward()
-    assert trainer.ccl_head.weight.grad.abs().sum() > 0
+    assert trainer.method.heads["ccl_head"].weight.grad.abs().sum() > 0
     encoder_grads = [p.grad for p in trainer.model.encoder.parameters() if p.grad is not None]
     assert encoder_grads and sum(float(g.abs().sum()) for g in encoder_grads) > 0
     assert all(p.grad is None for p in trainer.model.decoder.parameters())  # CCL reads the encoder only
     # The head is in the optimiser, and with amlp_ccl_weight=0 the total loss leaves it untouched.
-    assert any(p is trainer.ccl_head.weight for g in trainer.optimizer.param_groups for p in g["params"])
+    head = trainer.method.heads["ccl_head"]
+    assert any(p is head.weight for g in trainer.optimizer.param_groups for p in g["params"])
     off = Trainer(PretrainConfig(method="amlp", out_dir=str(tmp_path / "off"), **{**TINY3D, "amlp_ccl_weight": 0}))
     off.compute_loss(0)["loss"].backward()
-    assert off.ccl_head.weight.grad is None or not off.ccl_head.weight.grad.any()
+    assert off.method.heads["ccl_head"].weight.grad is None or not off.method.heads["ccl_head"].weight.grad.any()
 
 
 def test_cli(tmp_path, capsys):

@@ -3,6 +3,7 @@
 Examples::
 
     tcm-pretrain method=spark steps=100
+    tcm-pretrain device=cuda precision=bf16 compile=true grad_accum_steps=4 max_grad_norm=1.0
     tcm-pretrain --config configs/pretrain_tcm.yaml steps=500 --resume
     tcm-pretrain --config configs/pretrain_tcm.yaml lr=1e-3 --resume --apply-config-changes
     tcm-pretrain --config configs/pretrain_tcm3d.yaml method=amlp   # 3-D: dim follows the encoder
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from ..cli.common import ArgumentParser, run
 from .config import FIXED, FREE, GROW, describe_keys, keys_with_resume_rule, load_config
+from .device import process_group_backend, resolve_device
 from .trainer import Trainer
 
 
@@ -60,7 +62,10 @@ def _main(argv: Sequence[str] | None) -> int:
     cfg = load_config(args.config, args.overrides)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = resolve_device(cfg.device)  # cuda:$LOCAL_RANK under torchrun
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(process_group_backend(device))
     try:
         trainer = Trainer(cfg)
         ckpt = trainer.train(resume=args.resume, apply_changes=args.apply_config_changes,

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..models.encoders import ENCODERS, encoder_patch_size
 from ..models.spark import DECODERS
+from .methods import method_class, method_names
 
-METHODS = ("spark", "tcm", "anatomask", "amlp")
+METHODS = method_names()  # every module of tcm_mim/train/methods/ registers one
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -182,9 +183,9 @@ class PretrainConfig:
         if self.dim == 2 and is_3d_encoder(self.encoder):
             raise ConfigError(f"config: encoder {self.encoder!r} is a 3-D encoder, but dim is 2; leave dim unset "
                               f"(or 3) for it, or pick a 2-D encoder such as resnet_tiny")
-        if self.method == "tcm" and not self.prompts:
-            raise ConfigError("config: prompts must be a non-empty list of text for method tcm (its text guidance), "
-                              "got []")
+        if method_class(self.method).needs_saliency and not self.prompts:
+            raise ConfigError(f"config: prompts must be a non-empty list of text for method {self.method} (its text "
+                              f"guidance), got []")
         if any(not p.strip() for p in self.prompts):
             raise ConfigError(f"config: prompts must not contain empty text, got {self.prompts!r}")
         if self.method == "amlp" and self.mask_ratio is not None:
@@ -203,13 +204,8 @@ class PretrainConfig:
         return 3 if is_3d_encoder(self.encoder) else 2
 
     def ratio_at(self, step: int) -> float:
-        """The overall masking ratio at ``step``."""
-        if self.method == "amlp":
-            t = min(step / max(self.steps - 1, 1), 1.0)
-            return self.amlp_ratio_start + t * (self.amlp_ratio_end - self.amlp_ratio_start)
-        if self.mask_ratio is not None:
-            return self.mask_ratio
-        return 0.4 if self.method == "tcm" else 0.6
+        """The overall masking ratio at ``step``: the method's rule (``Method.ratio_at``)."""
+        return method_class(self.method).ratio_at(self, step)
 
     def ema_at(self, step: int) -> float:
         """AnatoMask's teacher momentum after optimiser step ``step``: ``ema``, or the linear ramp from ``ema``

@@ -1,18 +1,21 @@
-"""The pretraining loop shared by the four methods.
+"""The pretraining loop shared by every method (:mod:`tcm_mim.train.methods`).
 
-Per step: a deterministic batch (``SliceStream`` of 2-D crops, ``VolumeStream`` of 3-D
-crops when the config's ``spatial_dims`` is 3, read from a prepared corpus by a DataLoader
-with ``num_workers`` processes), the method's patch scores and
-mask (``tcm_kernels.sample_mask`` with ``offset`` = a function of the step), the
-SparK model, the method's loss, AdamW with warm-up + cosine. Checkpoints (``checkpoint.py``:
-atomic, digest-checked, ``weights_only``) hold everything a resumed run needs to continue exactly;
-a lock keeps a second run out of ``out_dir``.
+Per optimiser step, ``grad_accum_steps`` micro-batches: a deterministic batch
+(``SliceStream`` of 2-D crops, ``VolumeStream`` of 3-D crops when the config's
+``spatial_dims`` is 3, read from a prepared corpus by a DataLoader with ``num_workers``
+processes) copied to the run's device, the method's masks and loss under
+autocast (``precision``) through the optionally compiled model (``compile``), backward
+(loss-scaled for fp16); then the gradient norm (clipped to ``max_grad_norm``), the
+non-finite guard, AdamW with warm-up + cosine. Checkpoints (``checkpoint.py``: atomic,
+digest-checked, ``weights_only``, never with non-finite weights) hold everything a resumed run
+needs to continue exactly; a lock keeps a second run out of ``out_dir``.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import csv
+import logging
 import math
 import os
 import pathlib
@@ -28,17 +31,25 @@ import tcm_kernels
 
 from ..data import EMBEDDED, PreparedCorpus, embedded_corpus, prepare_corpus
 from ..data.prepare import ensure_saliency
-from ..errors import RunWarning
+from ..errors import RunWarning, UserError
 from ..models import SparKMIM, build_encoder, set_backend
 from . import checkpoint
-from .amlp import attention_recon_loss, category_consistency_loss, ccl_targets
 from .config import ConfigError, PretrainConfig, resume_changes
+from .device import resolve_device, resolve_precision
 from .loader import build_loader
+from .methods import Method, method_class
 from .stream import SliceStream, VolumeStream
+
+log = logging.getLogger("tcm_mim.train")
 
 # Every method logs every loss column (zero where a term does not apply), so runs line up.
 LOSS_TERMS = ("loss", "recon", "contrastive", "ccl")
-CSV_FIELDS = ("step", *LOSS_TERMS, "lr", "mask_ratio", "images_per_s")
+CSV_FIELDS = ("step", *LOSS_TERMS, "grad_norm", "lr", "mask_ratio", "images_per_s")
+
+
+class NonFiniteError(UserError):
+    """A loss term or the gradient became NaN/inf and ``skip_nonfinite`` allows no more skips: a
+    problem of the data or the settings (one line and exit 2 from the CLI), not of the code."""
 
 
 def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> PreparedCorpus:
@@ -73,22 +84,30 @@ def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> Prep
         raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
                           f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
                           f"2-D encoder (resnet_tiny)")
-    if cfg.method == "tcm":
+    if method_class(cfg.method).needs_labels:
         corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["labels"] is not None])
         if not corpus.rows:
-            raise ConfigError(f"config: method tcm needs scans with label maps for its prompts; dataset "
+            raise ConfigError(f"config: method {cfg.method} needs scans with label maps for its prompts; dataset "
                               f"{cfg.dataset!r} has none (set label_dir for a folder dataset)")
     return corpus
 
 
 class Trainer:
-    """Builds model, data and optimiser from a :class:`PretrainConfig`; ``train()`` runs it."""
+    """Builds model, method, data and optimiser from a :class:`PretrainConfig`; ``train()`` runs it.
 
-    def __init__(self, cfg: PretrainConfig):
+    ``compile_backend``: the ``torch.compile`` backend used when ``cfg.compile`` is true
+    (tests pass ``"aot_eager"``, which skips inductor's code generation).
+    """
+
+    def __init__(self, cfg: PretrainConfig, *, compile_backend: str = "inductor"):
         self.cfg = cfg
         self.out = pathlib.Path(cfg.out_dir)
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
         corpus = _corpus(cfg, self.dim, self.out, self.rank)
@@ -99,30 +118,33 @@ class Trainer:
             for m in self.model.modules():
                 if hasattr(m, "sync"):
                     m.sync = True
+        self.model.to(self.device)
         self.grid = (cfg.image_size // self.model.patch_size,) * self.dim
-        saliency = self._stored_saliency(corpus) if cfg.method == "tcm" else None
+        # DDP averages the gradients of the ranks; the unwrapped model serves no-grad passes and checkpoints.
+        self.net = self.distribute(self.model)
+        self.method: Method = method_class(cfg.method)(self)
+        saliency = self._stored_saliency(corpus) if self.method.needs_saliency else None
         stream = VolumeStream if self.dim == 3 else SliceStream
         self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
         self.data_wait_s = 0.0  # time train() spent waiting for batches (the loader's share of the steps)
-        width = self.model.encoder.channels[-1]
-        self.head = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64))
-        self.ccl_head = nn.Linear(width, 1)  # amlp: the lesion logit of each patch's encoder features
-        self.teacher = None
-        if cfg.method == "anatomask":
-            self.teacher = copy.deepcopy(self.model).requires_grad_(False)
-        extra = {"tcm": self.head, "amlp": self.ccl_head}.get(cfg.method)
-        params = list(self.model.parameters()) + (list(extra.parameters()) if extra is not None else [])
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = [*self.model.parameters(), *self.method.heads.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # fp16 needs a loss scale (its range ends at 65504); disabled, the scaler is the identity.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
-        # DDP averages the gradients of the ranks; the unwrapped model serves no-grad passes and checkpoints.
-        self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.head_net = nn.parallel.DistributedDataParallel(self.head) if self.world > 1 and cfg.method == "tcm" \
-            else self.head
-        self.ccl_net = nn.parallel.DistributedDataParallel(self.ccl_head) \
-            if self.world > 1 and cfg.method == "amlp" else self.ccl_head
+        self.skipped = 0  # non-finite steps skipped so far (skip_nonfinite)
+        # The training forward; no-grad probes (teacher, difficulty) call the eager model.
+        self.forward = torch.compile(self.net, backend=compile_backend) if cfg.compile else self.net
 
     # ------------------------------------------------------------------ pieces
+
+    def distribute(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in DDP when the run has several ranks (gradients averaged), else itself."""
+        if self.world == 1:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def _lr_factor(self, step: int) -> float:
         if step < self.cfg.warmup_steps:
@@ -144,7 +166,8 @@ class Trainer:
         corpus.rows[:] = [by_id[row["id"]] for row in corpus.rows]
         return localizer.cache_key
 
-    def _mask(self, scores: torch.Tensor, strategy: str, ratio: float, offset: int, **kw) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, strategy: str, ratio: float, offset: int, **kw) -> torch.Tensor:
+        """visible bool [B, N] from ``tcm_kernels.sample_mask`` (Philox seed = the run's seed)."""
         return tcm_kernels.sample_mask(scores, ratio, strategy=strategy, seed=self.cfg.seed, offset=offset,
                                        **kw).visible
 
@@ -152,78 +175,53 @@ class Trainer:
     def num_patches(self) -> int:
         return math.prod(self.grid)
 
-    def _per_patch_difficulty(self, model: nn.Module, images: torch.Tensor, step: int, *,
-                              complementary: bool = False) -> torch.Tensor:
+    def per_patch_difficulty(self, model: nn.Module, images: torch.Tensor, draw: int, *,
+                             complementary: bool = False) -> torch.Tensor:
         """Per-patch loss of ``model`` on a uniform mask: the score AnatoMask and AMLP select by.
 
         ``complementary``: also run the complementary mask, so that every patch's value is its
         loss when masked (one no-grad pass over twice the batch); else the patches the probe
-        kept score their (small) loss when visible.
+        kept score their (small) loss when visible. float32 [B, N] on the images' device.
         """
         b = images.shape[0]
-        probe = self._mask(torch.zeros(b, self.num_patches), "uniform", 0.5, 2 * step + 1)
+        probe = self.mask(torch.zeros(b, self.num_patches, device=images.device), "uniform", 0.5, 2 * draw + 1)
         with torch.no_grad():
             if not complementary:
                 return model(images, probe).per_patch.float().clamp_min(0)
             both = model(torch.cat([images, images]), torch.cat([probe, ~probe])).per_patch.float().clamp_min(0)
             return torch.where(probe, both[b:], both[:b])
 
-    def compute_loss(self, step: int,
-                     batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The method's losses at ``step``, on ``batch`` (images, saliency) from the loader or else the stream's."""
-        cfg = self.cfg
-        images, saliency = batch if batch is not None else self.stream.batch(step * self.world + self.rank,
-                                                                             cfg.batch_size)
-        b, n = images.shape[0], self.num_patches
-        ratio = cfg.ratio_at(step)
-        zero = torch.zeros((), dtype=torch.float32)
-        if cfg.method == "spark":
-            out = self.net(images, self._mask(torch.zeros(b, n), "uniform", ratio, 2 * step))
-            return {"loss": out.loss, "recon": out.loss, "contrastive": zero, "ccl": zero}
-        if cfg.method == "tcm":
-            scores = tcm_kernels.patch_scores(saliency, self.model.patch_size, reduce="mean")
-            kw = dict(roi_threshold=cfg.roi_threshold, roi_mask_ratio=cfg.roi_mask_ratio)
-            # both views in one forward: one DDP pass, and the norms see both
-            views = torch.cat([self._mask(scores, "stratified", ratio, 2 * step + v, **kw) for v in (0, 1)])
-            out = self.net(torch.cat([images, images]), views)
-            z = self.head_net(out.embedding)
-            contrastive = tcm_kernels.info_nce(z[:b], z[b:], temperature=cfg.temperature, normalize=True,
-                                               gather=self.world > 1)
-            recon = out.loss  # the mean over both views' masked patches (each row masks the same count)
-            return {"loss": recon + cfg.contrastive_weight * contrastive, "recon": recon, "contrastive": contrastive,
-                    "ccl": zero}
-        if cfg.method == "anatomask":
-            scores = self._per_patch_difficulty(self.teacher, images, step)
-            visible = self._mask(scores, "hardest", ratio, 2 * step, hard_fraction=cfg.hard_fraction_at(step))
-            out = self.net(images, visible)
-            return {"loss": out.loss, "recon": out.loss, "contrastive": zero, "ccl": zero}
-        # amlp: cluster- and difficulty-guided sampling, attention-weighted reconstruction, category
-        # consistency, ratio ramp (definitions in tcm_mim.train.amlp)
-        scores, lesion, difficulty = self._cluster_categories(images, step)
-        visible = self._mask(scores, "weighted", ratio, 2 * step)
-        out = self.net(images, visible)
-        recon = attention_recon_loss(out.per_patch, visible)
-        logits = self.ccl_net(out.patch_features.transpose(1, 2)).squeeze(-1)
-        ccl = category_consistency_loss(logits, ccl_targets(lesion, difficulty, cfg.amlp_ccl_blend), visible)
-        return {"loss": recon + cfg.amlp_ccl_weight * ccl, "recon": recon, "contrastive": zero, "ccl": ccl}
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned host memory: the copy runs asynchronously
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
-    def _cluster_categories(self, images: torch.Tensor, step: int):
-        """AMLP: k-means of patch descriptors into lesion/background, with each patch's difficulty.
+    def batch(self, draw: int, batches=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``draw`` of this rank on the device: (images, saliency) [B, 1, *S] each.
 
-        Returns (scores float [B, N] > 0 for the weighted sampler: cluster membership blended with
-        difficulty, lesion bool [B, N], difficulty float [B, N]: each patch's loss when masked).
+        ``batches``: the run's loader iterator, whose next batch is micro-batch ``draw`` (the loader and
+        the stream give the same items); without it the stream builds the batch here.
         """
-        from ..localize import ClusterGuide
+        if batches is None:
+            images, saliency = self.stream.batch(draw * self.world + self.rank, self.cfg.batch_size)
+        else:
+            t0 = time.perf_counter()
+            images, saliency = next(batches)
+            self.data_wait_s += time.perf_counter() - t0
+        return self._to_device(images), self._to_device(saliency)
 
-        difficulty = self._per_patch_difficulty(self.model, images, step, complementary=True)
-        scores, lesion = [], []
-        for i in range(images.shape[0]):
-            guide = ClusterGuide(self.model.patch_size, patch_loss=lambda _img, row=difficulty[i]: row,
-                                 seed=self.cfg.seed)
-            in_lesion, scaled = guide.categorize(images[i, 0])
-            lesion.append(in_lesion)
-            scores.append(guide.cluster_weight * in_lesion.float() + (1 - guide.cluster_weight) * scaled)
-        return torch.stack(scores) + 1e-6, torch.stack(lesion), difficulty  # + 1e-6: every patch stays eligible
+    def autocast(self):
+        """The precision context of forward passes and losses (``precision``)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def compute_loss(self, step: int, draw: int | None = None, batches=None) -> dict[str, torch.Tensor]:
+        """The method's loss terms of micro-batch ``draw`` (default: ``step``) at optimiser step ``step``
+        (the batch from ``batches``, the loader's iterator, if given)."""
+        draw = step if draw is None else draw
+        images, saliency = self.batch(draw, batches)
+        with self.autocast():
+            return self.method.loss(images, saliency, step, draw)
 
     # ------------------------------------------------------------------ state
 
@@ -232,29 +230,26 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "head": self.head.state_dict(),
-                "ccl_head": self.ccl_head.state_dict(),
-                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+        return {"model": self.model.state_dict(), **self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "config": self.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
+                "scaler": self.scaler.state_dict(), "step": self.step, "config": self.cfg.to_dict(),
+                "method": self.cfg.method, "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
-        if "ccl_head" in state:  # checkpoints written before the CCL head existed have none
-            self.ccl_head.load_state_dict(state["ccl_head"])
-        if self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
+        self.method.load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # checkpoints written before precision existed have none
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
         # The optimiser's hyperparameters follow this config, not the checkpoint's: equal when resuming
         # an unchanged run, and what an explicitly changed lr / weight_decay / schedule must become.
         self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group["initial_lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
             group["lr"] = self.cfg.lr * self._lr_factor(self.scheduler.last_epoch)
-        self.step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> pathlib.Path:
         """Write ``checkpoint.pt`` (rank 0) with its digest; refused, keeping the last one, if a tensor is
@@ -300,6 +295,68 @@ class Trainer:
         writer.writerows(rows)
         return f, writer
 
+    def _no_sync(self) -> contextlib.ExitStack:
+        """Skip DDP's gradient all-reduce (micro-batches before the last of an accumulation)."""
+        stack = contextlib.ExitStack()
+        for net in (self.net, *self.method.head_nets.values()):
+            if isinstance(net, nn.parallel.DistributedDataParallel):
+                stack.enter_context(net.no_sync())
+        return stack
+
+    def train_step(self, batches=None) -> dict[str, float]:
+        """One optimiser step at ``self.step``: its loss terms (mean over the micro-batches) and gradient norm.
+
+        ``batches``: the loader's iterator over micro-batches (:meth:`train`); default: the stream.
+
+        Host synchronisation: one copy of the loss terms and the gradient norm to the host, after
+        backward and before the update (the non-finite guard needs them, and so does the log).
+        Raises :class:`NonFiniteError` on a NaN/inf loss term or gradient beyond ``skip_nonfinite``.
+        """
+        cfg, accum = self.cfg, self.cfg.grad_accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        total = None
+        for k in range(accum):
+            with self._no_sync() if k < accum - 1 else contextlib.nullcontext():
+                losses = self.compute_loss(self.step, self.step * accum + k, batches)
+                self.scaler.scale(losses["loss"] / accum).backward()
+            terms = torch.stack([losses[t].detach().float() for t in LOSS_TERMS])
+            total = terms if total is None else total + terms
+        self.scaler.unscale_(self.optimizer)  # true gradients for the norm and the clipping (fp16)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if cfg.max_grad_norm is not None:
+            norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        else:
+            norm = nn.utils.get_total_norm(grads)
+        stats = torch.cat([total / accum, norm.float().reshape(1).to(total.device)]).tolist()
+        values = dict(zip((*LOSS_TERMS, "grad_norm"), stats))
+        bad = [t for t in LOSS_TERMS[1:] if not math.isfinite(values[t])]
+        if not math.isfinite(values["loss"]) and not bad:
+            bad = ["loss"]
+        # fp16: an inf gradient is the loss scale overflowing; the scaler skips that update and lowers the scale.
+        bad_grad = not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled()
+        if bad or bad_grad:
+            self._nonfinite(values, bad)
+            self.scaler.update()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.method.after_step()
+        self.scheduler.step()
+        return values
+
+    def _nonfinite(self, values: dict[str, float], bad: list[str]) -> None:
+        what = (f"non-finite loss term {', '.join(f'{t}={values[t]}' for t in bad)}" if bad
+                else f"non-finite gradient (norm {values['grad_norm']}) with finite loss terms")
+        self.skipped += 1
+        if self.skipped > self.cfg.skip_nonfinite:
+            kept = (f"the last checkpoint {self.checkpoint_path} is kept" if self.checkpoint_path.exists()
+                    else "no checkpoint was written")
+            raise NonFiniteError(f"step {self.step}: {what}; the update was not applied and {kept}. Check the data "
+                                 f"(NaN/inf voxels), lr and precision, or allow skipping with skip_nonfinite: N "
+                                 f"(skipped so far: {self.skipped - 1})")
+        log.warning("step %d: %s; step skipped (%d of skip_nonfinite=%d)", self.step, what, self.skipped,
+                    self.cfg.skip_nonfinite)
+
     def train(self, *, resume: bool = False, apply_changes: bool = False, stop_after: int | None = None,
               progress: bool = True) -> pathlib.Path:
         """Run to ``cfg.steps`` (or ``stop_after`` steps, for tests); returns the checkpoint path.
@@ -307,8 +364,10 @@ class Trainer:
         ``resume``: continue from ``<out_dir>/checkpoint.pt`` if it exists (else start fresh, with a
         warning); a config that differs from the checkpoint's in a key that changes the run raises
         :class:`ConfigError` listing each such key, unless ``apply_changes``. Raises
-        :class:`~tcm_mim.train.checkpoint.RunLockedError` while another run holds ``out_dir``.
+        :class:`~tcm_mim.train.checkpoint.RunLockedError` while another run holds ``out_dir``, and
+        :class:`NonFiniteError` on a NaN/inf loss or gradient beyond ``skip_nonfinite``.
         """
+        self.out.mkdir(parents=True, exist_ok=True)
         lead = self.rank == 0  # one process writes logs, images and checkpoints
         lock = checkpoint.RunLock(self.out).acquire() if lead else None
         try:
@@ -329,30 +388,25 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = _progress(total=cfg.steps, initial=self.step, enabled=progress and lead)
         self.model.train()
-        # Only the iterator is kept: deleting it below stops the (persistent) worker processes.
-        batches = iter(build_loader(self.stream, cfg.batch_size, self.step, end, rank=self.rank, world=self.world,
-                                    num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor))
+        accum = cfg.grad_accum_steps
+        # The loader numbers micro-batches (step * grad_accum_steps + k). Only the iterator is kept:
+        # deleting it below stops the (persistent) worker processes.
+        batches = iter(build_loader(self.stream, cfg.batch_size, self.step * accum, end * accum, rank=self.rank,
+                                    world=self.world, num_workers=cfg.num_workers,
+                                    prefetch_factor=cfg.prefetch_factor, pin_memory=self.device.type == "cuda"))
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                batch = next(batches)
-                self.data_wait_s += time.perf_counter() - t0
-                losses = self.compute_loss(self.step, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                if self.teacher is not None:
-                    _ema_update(self.teacher, self.model, cfg.ema)
-                rate = cfg.batch_size / (time.perf_counter() - t0)
-                row = {"step": self.step, **{k: f"{float(v.detach()):.6g}" for k, v in losses.items()},
+                values = self.train_step(batches)
+                rate = cfg.batch_size * cfg.grad_accum_steps / (time.perf_counter() - t0)
+                row = {"step": self.step, **{k: f"{v:.6g}" for k, v in values.items()},
                        "lr": f"{self.scheduler.get_last_lr()[0]:.6g}", "mask_ratio": f"{cfg.ratio_at(self.step):.4g}",
                        "images_per_s": f"{rate:.3g}"}
                 if writer is not None:
                     writer.writerow(row)
                 if tb is not None:
-                    for k, v in losses.items():
-                        tb.add_scalar(f"train/{k}", float(v.detach()), self.step)
+                    for k, v in values.items():
+                        tb.add_scalar(f"train/{k}", v, self.step)
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
@@ -382,11 +436,11 @@ class Trainer:
         """
         from PIL import Image
 
-        images, saliency = self.stream.batch(0, min(4, self.cfg.batch_size))
+        images, saliency = (self._to_device(t) for t in self.stream.batch(0, min(4, self.cfg.batch_size)))
         b = images.shape[0]
         scores = tcm_kernels.patch_scores(saliency, self.model.patch_size, reduce="mean")
-        visible = self._mask(scores, "stratified" if self.cfg.method == "tcm" else "uniform", self.cfg.ratio_at(0),
-                             0, roi_threshold=self.cfg.roi_threshold, roi_mask_ratio=self.cfg.roi_mask_ratio)
+        visible = self.mask(scores, self.method.preview_strategy, self.cfg.ratio_at(0), 0,
+                            roi_threshold=self.cfg.roi_threshold, roi_mask_ratio=self.cfg.roi_mask_ratio)
         self.model.eval()
         with torch.no_grad():
             pred = self.model(images, visible).pred
@@ -400,7 +454,7 @@ class Trainer:
             panels = [x[:, :, x.shape[2] // 2] for x in panels]
         rows = torch.cat(panels, dim=3)[:, 0]
         grid = torch.cat(list(rows), dim=0)
-        Image.fromarray((grid.numpy() * 255).astype("uint8")).save(path)
+        Image.fromarray((grid.cpu().numpy() * 255).astype("uint8")).save(path)
 
 
 def _denormalize_patches(pred: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
@@ -411,14 +465,6 @@ def _denormalize_patches(pred: torch.Tensor, target: torch.Tensor, p: int) -> to
     mean = t.mean(dim=within, keepdim=True)
     std = (t.var(dim=within, keepdim=True) + 1e-6).sqrt()
     return (pred.reshape_as(t) * std + mean).reshape(target.shape)
-
-
-def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    with torch.no_grad():
-        for t, s in zip(teacher.parameters(), student.parameters()):
-            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-        for t, s in zip(teacher.buffers(), student.buffers()):
-            t.copy_(s)
 
 
 def _tensorboard(path: pathlib.Path):
