@@ -139,3 +139,78 @@ def test_ema_update_follows_parameters_and_running_stats():
     torch.testing.assert_close(teacher.weight, torch.full((3,), 1.1))
     torch.testing.assert_close(teacher.running_mean, torch.full((3,), 0.1))
     assert int(teacher.num_batches_tracked) == 7
+
+
+# ---------------------------------------------------------------- through the trainer (tiny runs)
+
+TINY = dict(encoder="resnet_tiny", decoder_width=16, image_size=64, batch_size=2, steps=4, warmup_steps=1,
+            checkpoint_every=4, image_every=0, dataset="chest_ct", prompts=["heart"], num_workers=0)
+
+
+def _trainer(tmp_path, method, **kw):
+    from tcm_mim.train import Trainer
+
+    return Trainer(PretrainConfig(method=method, out_dir=str(tmp_path), **{**TINY, **kw}))
+
+
+def test_anatomask_selection_scores_teacher_and_ema_ramp(tmp_path):
+    t = _trainer(tmp_path, "anatomask", mask_ratio=0.5, ema=0.5, ema_end=0.9)
+    method = t.method
+    assert not method.teacher.training
+    images, _ = t.batch(0)
+    scores = method.selection_scores(images, 0.5, draw=0)
+    probe = t.mask(torch.zeros(images.shape[0], t.num_patches), "uniform", 0.5, 1)  # the probe of draw 0
+    assert (scores[probe] == 0).all() and (scores[~probe] > 0).all()
+    teacher0 = [p.detach().clone() for p in method.teacher.parameters()]
+    t.train(progress=False, stop_after=1)
+    momentum = t.cfg.ema_at(0)
+    assert momentum == 0.5 and not method.teacher.training
+    for p_t, p_0, p_s in zip(method.teacher.parameters(), teacher0, t.model.parameters()):
+        torch.testing.assert_close(p_t, momentum * p_0 + (1 - momentum) * p_s.detach())
+
+
+def test_amlp_probe_leaves_running_statistics(tmp_path):
+    t = _trainer(tmp_path, "amlp")
+    images, _ = t.batch(0)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    difficulty = t.per_patch_difficulty(t.model, images, 0)
+    assert difficulty.shape == (2, t.num_patches) and (difficulty >= 0).all()
+    assert t.model.training
+    assert all(torch.equal(v, before[k]) for k, v in t.model.state_dict().items())
+
+
+def test_tcm_region_ratios_in_the_trainer_and_logged_shares(tmp_path):
+    import csv
+
+    import tcm_kernels
+
+    t = _trainer(tmp_path, "tcm", tcm_masking="region_ratios", image_size=128)
+    _, saliency = t.batch(0)
+    views, roi = t.method.views(saliency, 0, 0)
+    assert torch.equal(roi, tcm_kernels.patch_scores(saliency, 32, reduce="max") > 0)
+    for v in range(2):
+        for i in range(2):
+            visible, r = views[v * 2 + i], roi[i]
+            assert int((~visible & r).sum()) == math.floor(0.8 * int(r.sum()) + 0.5)
+            assert int((~visible & ~r).sum()) == math.floor(0.4 * int((~r).sum()) + 0.5)
+    t.train(progress=False, stop_after=2)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert len(rows) == 2 and all(0 <= float(row[k]) <= 1 for row in rows for k in ("masked", "roi_masked",
+                                                                                       "bg_masked"))
+
+
+def test_spark_keys_reach_the_model_and_the_optimiser(tmp_path):
+    from tcm_mim.models.spark import SparKDecoder
+
+    with pytest.raises(ConfigError, match="decoder_width must be at least the patch size 32 for decoder spark"):
+        PretrainConfig(method="spark", decoder="spark", decoder_width=16)
+    t = _trainer(tmp_path, "spark", decoder="spark", decoder_width=32, drop_path=0.1, weight_decay=0.04)
+    assert isinstance(t.model.decoder, SparKDecoder)
+    assert t.model.encoder.stages[-1][-1].drop_path == pytest.approx(0.1)
+    decay, exempt = t.optimizer.param_groups
+    assert decay["weight_decay"] == 0.04 and exempt["weight_decay"] == 0.0
+    assert any(p is t.model.mask_tokens[0] for p in exempt["params"])
+    t.train(progress=False, stop_after=1)
+    resumed = _trainer(tmp_path, "spark", decoder="spark", decoder_width=32, drop_path=0.1, weight_decay=0.04)
+    resumed._resume(apply_changes=False)
+    assert resumed.step == 1 and [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.04, 0.0]

@@ -192,6 +192,9 @@ class PretrainConfig:
             raise ConfigError(f"config: mask_ratio is not used by method amlp (its ratio ramps from amlp_ratio_start "
                               f"to amlp_ratio_end), got {self.mask_ratio}; set amlp_ratio_end instead")
         patch = encoder_patch_size(self.encoder)
+        if self.decoder == "spark" and self.decoder_width < patch:
+            raise ConfigError(f"config: decoder_width must be at least the patch size {patch} for decoder spark (its "
+                              f"width halves once per 2x up to the image), got {self.decoder_width}")
         if self.image_size % patch:
             raise ConfigError(f"config: image_size {self.image_size} must be a multiple of the encoder's patch size "
                               f"{patch} (encoder {self.encoder!r})")
