@@ -47,7 +47,7 @@ def make_down(cin: int, cout: int, stride: int, dim: int, *, bias: bool = True) 
 def coarse_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
     """bool [B, 1, *S] -> bool [B, 1, *S / stride]: a coarse site is active if any of its children is (SparK)."""
     pool = F.max_pool2d if mask.dim() == 4 else F.max_pool3d
-    return pool(mask.to(torch.uint8), stride).bool()
+    return pool(mask.to(torch.float32), stride) > 0  # float: CUDA's max-pool has no integer kernels
 
 
 def _strided_sites(x: SparseTensor, stride: int) -> SparseTensor:
