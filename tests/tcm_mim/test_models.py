@@ -345,7 +345,8 @@ def test_resnet_weights_load_strictly_into_the_standard_layout(name):
 
 def test_resnet_parameter_counts_are_torchvisions():
     """torchvision's published counts (resnet18 11,689,512, resnet50 25,557,032, RGB, 1000 classes) minus fc."""
-    for name, published, fc in (("resnet18", 11_689_512, 512 * 1000 + 1000), ("resnet50", 25_557_032, 2048 * 1000 + 1000)):
+    for name, published, fc in (("resnet18", 11_689_512, 512 * 1000 + 1000),
+                                ("resnet50", 25_557_032, 2048 * 1000 + 1000)):
         enc = build_encoder(name, in_channels=3)
         assert sum(p.numel() for p in enc.parameters()) == published - fc, name
 

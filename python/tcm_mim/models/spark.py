@@ -123,7 +123,8 @@ class SparKDecoder(nn.Module):
             raise ValueError(f"SparKDecoder: patch_size must be a power of 2 of at least 2^(stages - 1), got "
                              f"{patch_size} for {len(channels)} stages")
         if width // 2 ** n < 1:
-            raise ValueError(f"SparKDecoder: width must be at least 2^{n} = {2 ** n} (it halves {n} times), got {width}")
+            raise ValueError(f"SparKDecoder: width must be at least 2^{n} = {2 ** n} (it halves {n} times), "
+                             f"got {width}")
         conv, bn, up = _conv(dim), _bn(dim), _up(dim)
         widths = [width // 2 ** i for i in range(n + 1)]
         self.proj = _projections(dim, channels, widths)
