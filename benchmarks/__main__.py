@@ -97,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(raw.read_text())
     md, speedups = tables(data)
     info = data.get("machine_info", {})
-    header = (f"# Benchmarks {stamp}\n\nMachine: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, "
-              f"{info.get('cpu', {}).get('count', '?')} logical CPUs; python {info.get('python_version', '?')}.\n"
+    rows = data["benchmarks"]
+    run_info = rows[0]["extra_info"] if rows else {}
+    header = (f"# Benchmarks {stamp}\n\nMachine: {run_info.get('cpu_model', '?')}, ISA {run_info.get('isa', '?')}, "
+              f"{run_info.get('threads', '?')} threads of {info.get('cpu', {}).get('count', '?')} logical CPUs; "
+              f"torch {run_info.get('torch', '?')}, triton {run_info.get('triton', '?')}, "
+              f"python {info.get('python_version', '?')}.\n"
               f"Command: `python -m benchmarks {' '.join(argv or sys.argv[1:])}`\n\n")
     (RESULTS / f"{stamp}.md").write_text(header + md)
     plot(speedups, RESULTS / f"{stamp}.png")

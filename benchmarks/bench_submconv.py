@@ -5,9 +5,9 @@ Baselines, side by side per layer shape and mask:
 * ``spconv``: spconv 2.x ``SubMConv{2,3}d`` forward on the CPU (when installed), timed on its own
   SparseConvTensor (conversion excluded);
 * ``tcm_cpu``: our generic path, the compiled engine (implicit GEMM over cache-sized chunks of active
-  rows; ``path="generic"``);
-* ``tcm_cpu_patch``: our patch-block path (``path="patch"``): dense tiles with halos cut from the
-  masked-dense input by strided views, one oneDNN conv over all active tiles;
+  rows; the default dispatch);
+* ``tcm_cpu_patch``: our experimental patch-block path (``tcm_kernels.experimental.submanifold_conv_patch``):
+  dense tiles with halos cut from the masked-dense input by strided views, one oneDNN conv over all active tiles;
 * ``tcm_cpu_compact``: the generic engine on the compact layout (features already [N, C] with a cached
   kernel map: no gather/scatter), what the SparseTensor encoders run;
 * ``mm_same_gemm``: one at::mm of the same useful work ([N_active, k^d C] x [k^d C, C]), the
@@ -134,10 +134,9 @@ def _provider(provider: str, x, mask, w, patch: int, backward: bool):
         call, to_dense = _spconv_forward(x, mask, w)
         return call, lambda out: (to_dense(out),)
     conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
-            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
-                                                                   path="generic"),
-            "tcm_cpu_patch": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, patch_size=patch, backend="cpu",
-                                                                         path="patch")}[provider]
+            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, backend="cpu"),
+            "tcm_cpu_patch": lambda xi, wi: tcm_kernels.experimental.submanifold_conv_patch(
+                xi, mask, wi, patch_size=patch, backend="cpu")}[provider]
     if not backward:
         return (lambda: conv(x, w)), (lambda y: (y,))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()

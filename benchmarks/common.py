@@ -42,10 +42,45 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     return allocator_peak_bytes(fn)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform's guess elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The widest vector ISA ATen dispatches to (``AVX2``/``AVX512``/``DEFAULT``), plus ``+AMX`` when the CPU has it."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    try:
+        with open("/proc/cpuinfo") as f:
+            if any(line.startswith("flags") and " amx_tile" in line for line in f):
+                isa += "+AMX"
+    except OSError:
+        pass
+    return isa
+
+
+def machine_info() -> dict[str, str | int]:
+    """What every results row records: device, CPU model, ISA, threads and library versions."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"machine": machine(), "cpu_model": cpu_model(), "isa": cpu_isa(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": triton_version}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    return f"{cpu_model()} CPU x{torch.get_num_threads()} threads"
 
 
 def run(benchmark, fn: Callable[[], object], *, group: str, provider: str, baseline: bool = False,
@@ -55,8 +90,7 @@ def run(benchmark, fn: Callable[[], object], *, group: str, provider: str, basel
     ``flops``/``bytes_moved`` per call turn the median into GFLOP/s / GB/s in the tables.
     """
     benchmark.group = group
-    benchmark.extra_info.update(provider=provider, baseline=baseline, device=device, machine=machine(),
-                                torch=torch.__version__, **info)
+    benchmark.extra_info.update(provider=provider, baseline=baseline, device=device, **machine_info(), **info)
     if flops is not None:
         benchmark.extra_info["flops"] = flops
     if bytes_moved is not None:

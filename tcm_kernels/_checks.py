@@ -47,3 +47,13 @@ def check_real(op: str, name: str, value: object, *, low: float | None = None, h
         rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
         raise ValueError(f"{op}: {name} must be in {rng}, got {value}")
     return v
+
+
+def check_norm_eps(op: str, eps: object) -> float:
+    """A normalization's eps: a finite real > 0 (0 divides by zero on a constant group; NaN poisons every output)."""
+    return check_real(op, "eps", eps, low=0.0, high=float("inf"), low_open=True, high_open=True)
+
+
+def check_momentum(op: str, momentum: object) -> float:
+    """A running-statistics momentum in [0, 1] (new = (1 - momentum) old + momentum batch)."""
+    return check_real(op, "momentum", momentum, low=0.0, high=1.0)

@@ -47,10 +47,20 @@ class KernelMap(NamedTuple):
         sites = c[:, 0]
         for axis in range(1, len(shape)):
             sites = sites * shape[axis] + c[:, axis]
-        grid = torch.full(shape, -1, dtype=torch.int32, device=coords.device)
-        grid.view(-1)[sites] = torch.arange(n, dtype=torch.int32, device=coords.device)
-        if n and int((grid >= 0).sum()) != n:
-            raise ValueError(f"{op}: coords must be unique, got {n - int((grid >= 0).sum())} duplicate rows")
+        kmap = cls.from_sites(sites, shape)
+        if n and int((kmap.grid >= 0).sum()) != n:
+            raise ValueError(f"{op}: coords must be unique, got {n - int((kmap.grid >= 0).sum())} duplicate rows")
+        return kmap
+
+    @classmethod
+    def from_sites(cls, sites: torch.Tensor, shape: tuple[int, ...]) -> KernelMap:
+        """sites int64 [N], linear indices into a grid of ``shape`` = (B, *S) -> the map, without checks.
+
+        The caller guarantees that the sites are unique and in range (no host sync); use
+        :meth:`from_coords` for coordinates that come from outside.
+        """
+        grid = torch.full(shape, -1, dtype=torch.int32, device=sites.device)
+        grid.view(-1)[sites] = torch.arange(sites.shape[0], dtype=torch.int32, device=sites.device)
         return cls(grid, sites)
 
 
@@ -107,6 +117,11 @@ class SparseTensor:
         out = SparseTensor(features, self.coords, self.spatial_shape, self.batch_size)
         out._kernel_map = self._kernel_map
         return out
+
+    def with_kernel_map(self, kernel_map: KernelMap) -> SparseTensor:
+        """This tensor with ``kernel_map`` cached: a map the caller built for exactly these coords (unchecked)."""
+        self._kernel_map = kernel_map
+        return self
 
     def kernel_map(self) -> KernelMap:
         """The :class:`KernelMap` of ``coords`` (built on the first call, then cached on this tensor)."""

@@ -1,1 +1,1 @@
-"""tcm_mim: thin training package for text-guided masked image modelling (see design.md)."""
+"""tcm_mim: thin training package for text-guided masked image modelling (see docs/architecture.md)."""

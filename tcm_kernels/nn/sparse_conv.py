@@ -14,13 +14,18 @@ import math
 import torch
 from torch import nn
 
-from ..ops.submconv import (
-    sparse_downsample,
-    sparse_downsample_compact,
-    submanifold_conv,
-    submanifold_conv_compact,
-)
+from ..ops.downsample import sparse_downsample, sparse_downsample_compact
+from ..ops.submconv import submanifold_conv
+from ..ops.submconv_compact import submanifold_conv_compact
+from ..ops._conv_checks import check_dilation
 from ..sparse_tensor import SparseTensor
+
+
+def _check_positive(op: str, **values: object) -> None:
+    """Constructor arguments that must be positive ints (a 0 would fail later, in the weight init or forward)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
 
 
 def _check_layout(op: str, x, mask) -> bool:
@@ -40,8 +45,12 @@ class _SubMConvNd(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int = 1, groups: int = 1,
                  bias: bool = True, patch_size: int | None = None, backend: str | None = None):
         super().__init__()
+        name = type(self).__name__
+        _check_positive(name, in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size,
+                        groups=groups)
         if kernel_size % 2 == 0:
-            raise ValueError(f"{type(self).__name__}: kernel_size must be odd, got {kernel_size}")
+            raise ValueError(f"{name}: kernel_size must be odd, got {kernel_size}")
+        check_dilation(name, dilation, self.nd)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"{type(self).__name__}: in_channels {in_channels} and out_channels {out_channels} "
                              f"must be divisible by groups={groups}")
@@ -89,6 +98,7 @@ class _SparseDownsampleNd(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, *, bias: bool = True):
         super().__init__()
+        _check_positive(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride)
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *(stride,) * self.nd))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None

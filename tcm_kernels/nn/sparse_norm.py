@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import check_momentum, check_norm_eps
 from ..ops import sparse_norm as F
 from ..ops import sparse_norm_compact as FC
 from ..sparse_tensor import SparseTensor
@@ -52,6 +53,10 @@ class _SparseBatchNorm(nn.modules.batchnorm._NormBase):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, sync: bool = False, process_group=None, backend: str | None = None,
                  device=None, dtype=None):
+        name = type(self).__name__
+        check_norm_eps(name, eps)
+        if momentum is not None:  # None: cumulative moving average, as nn.BatchNorm
+            check_momentum(name, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.sync = sync
         self.process_group = process_group
@@ -125,6 +130,7 @@ class _SparseInstanceNorm(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.num_features, self.eps, self.affine, self.backend = num_features, eps, affine, backend
+        check_norm_eps(type(self).__name__, eps)
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
@@ -165,9 +171,12 @@ class SparseGroupNorm(nn.Module):
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         self.backend = backend
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"SparseGroupNorm: num_groups must be a positive int, got {num_groups!r}")
         if num_channels % num_groups:
             raise ValueError(f"SparseGroupNorm: num_groups must divide num_channels={num_channels}, got {num_groups}")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        check_norm_eps(type(self).__name__, eps)
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
@@ -199,6 +208,7 @@ class SparseLayerNorm(nn.LayerNorm):
         if data_format not in ("channels_last", "channels_first"):
             raise ValueError(f"SparseLayerNorm: data_format must be 'channels_last' or 'channels_first', "
                              f"got {data_format!r}")
+        check_norm_eps(type(self).__name__, eps)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=True, device=device, dtype=dtype)
         self.data_format = data_format
 

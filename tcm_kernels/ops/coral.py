@@ -6,7 +6,9 @@ The d x d covariances are two GEMMs, so this is plain PyTorch: fp32 accumulation
 (fp64 for fp64 input) whatever the input dtype, gradients through autograd.
 :class:`CovarianceQueue` keeps a fixed-capacity pool of (e.g. confident target)
 features whose covariance is updated per mini-batch in O(n d^2), the dynamic
-feature pool of CORN. Non-finite features are not checked; they propagate to the loss.
+feature pool of CORN. ``coral_loss`` does not check for non-finite features (they
+propagate to the loss); ``CovarianceQueue.push`` rejects them, because a NaN folded into the
+running sums would poison the covariance forever, even after its row is evicted.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from .._autocast import autocast_rule
+from .._core.dtypes import accumulation_dtype
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference.coral import covariance
-from ..reference.info_nce import accumulate_dtype
 
 _OP = "coral_loss"
 
@@ -72,11 +74,22 @@ class CovarianceQueue(torch.nn.Module):
 
     @torch.no_grad()
     def push(self, x: torch.Tensor) -> None:
-        """Append the rows of x [n, d] (detached), evicting the oldest beyond ``capacity``."""
+        """Append the rows of x [n, d] (detached), evicting the oldest beyond ``capacity``.
+
+        Raises ValueError (naming how many rows) if any row is NaN/inf in the pool dtype;
+        the pool is then left unchanged.
+        """
         check_tensor("CovarianceQueue.push", "x", x, ndim=2, dtypes=FLOAT_DTYPES)
         if x.shape[1] != self.dim:
             raise ValueError(f"CovarianceQueue.push: x must be [n, {self.dim}], got shape {tuple(x.shape)}")
-        x = x.detach().to(device=self.features.device, dtype=self.features.dtype)[-self.capacity:]
+        x = x.detach().to(device=self.features.device, dtype=self.features.dtype)
+        # Checked after the cast: a finite fp32 row can overflow an fp16/bf16 pool. This is a
+        # host sync, accepted because a non-finite row would corrupt the running sums for good.
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        if bad:
+            raise ValueError(f"CovarianceQueue.push: x must be finite in the pool dtype {self.features.dtype}, "
+                             f"got {bad} of {x.shape[0]} rows with NaN or inf; the pool is unchanged")
+        x = x[-self.capacity:]
         n = x.shape[0]
         if n == 0:
             return
@@ -97,7 +110,7 @@ class CovarianceQueue(torch.nn.Module):
             raise ValueError(f"CovarianceQueue.covariance: needs at least 2 pooled rows, got {self._count}")
         mean = self.row_sum / self._count
         cov = (self.outer_sum - self._count * torch.outer(mean, mean)) / (self._count - 1)
-        return cov.to(accumulate_dtype(self.features.dtype))
+        return cov.to(accumulation_dtype(self.features.dtype))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, capacity={self.capacity}, rows={self._count}"
@@ -117,7 +130,7 @@ def coral_loss(source: torch.Tensor, target: torch.Tensor | CovarianceQueue) -> 
     """
     _check_features(_OP, "source", source)
     d = source.shape[1]
-    acc = accumulate_dtype(source.dtype)
+    acc = accumulation_dtype(source.dtype)
     if isinstance(target, CovarianceQueue):
         if target.dim != d:
             raise ValueError(f"{_OP}: source and target must have the same feature size d, got {d} and {target.dim}")

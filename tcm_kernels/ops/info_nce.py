@@ -29,7 +29,11 @@ import torch.nn.functional as F
 from .. import _backend
 from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_real, check_same_device, check_tensor
+from .._core import shapes
+from .._core.autograd import info_nce_lse_autograd
+from .._core.dtypes import accumulation_dtype
 from ..reference import info_nce as _ref
+from ._library import register
 
 _OP = "info_nce"
 REDUCTIONS = ("mean", "sum", "none")
@@ -39,44 +43,32 @@ REDUCTIONS = ("mean", "sum", "none")
 CPU_BLOCK = 512
 
 
-# ---- compiled op: fake implementations and autograd -------------------------------------------
+# ---- custom ops: fakes and autograd of the compiled and the Triton back end ---------------------------
 
-def _lse_fake(x, y, inv_t, with_col, block):
-    acc = _ref.accumulate_dtype(x.dtype)
-    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((y.shape[0] if with_col else 0,), dtype=acc)
+@torch.library.custom_op("tcm::info_nce_lse_triton", mutates_args=())
+def _lse_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, with_col: bool,
+                block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton back end of ``tcm::info_nce_lse`` (block 0 = chosen from D); triton is imported on first use."""
+    from ..triton.info_nce import info_nce_lse_triton
 
-
-def _lse_backward_fake(x, y, inv_t, row_lse, col_lse, grad_row_lse, grad_col_lse, block):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(inv_t)
-
-
-def setup_context(ctx, inputs, output):
-    """Autograd context of an ``info_nce_lse`` op (compiled or Triton): inputs and both lse vectors."""
-    x, y, inv_t, with_col, block = inputs
-    row_lse, col_lse = output
-    ctx.save_for_backward(x, y, inv_t, row_lse, col_lse)
-    ctx.block = block
+    return info_nce_lse_triton(x, y, inv_t, with_col, block)
 
 
-def make_backward(backward_op):
-    """Backward of an ``info_nce_lse`` op through its tile-recomputing ``backward_op``."""
-    def backward(ctx, grad_row_lse, grad_col_lse):
-        x, y, inv_t, row_lse, col_lse = ctx.saved_tensors
-        # An unused output arrives as None: its statistics simply get zero weight.
-        grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse
-        grad_col_lse = torch.zeros_like(col_lse) if grad_col_lse is None else grad_col_lse
-        grad_x, grad_y, grad_inv_t = backward_op(x, y, inv_t, row_lse, col_lse, grad_row_lse, grad_col_lse,
-                                                 ctx.block)
-        return grad_x, grad_y, grad_inv_t, None, None
+@torch.library.custom_op("tcm::info_nce_lse_backward_triton", mutates_args=())
+def _lse_backward_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, row_lse: torch.Tensor,
+                         col_lse: torch.Tensor, grad_row_lse: torch.Tensor, grad_col_lse: torch.Tensor,
+                         block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton back end of ``tcm::info_nce_lse_backward``: (grad_x, grad_y, grad_inv_t)."""
+    from ..triton.info_nce import info_nce_lse_backward_triton
 
-    return backward
+    return info_nce_lse_backward_triton(x, y, inv_t, row_lse, col_lse, grad_row_lse, grad_col_lse, block)
 
 
+register("info_nce_lse_triton", shapes.info_nce_lse, info_nce_lse_autograd(_lse_backward_triton))
+register("info_nce_lse_backward_triton", shapes.info_nce_lse_backward)
 if _backend.compiled_available("info_nce_lse"):
-    torch.library.register_fake("tcm::info_nce_lse")(_lse_fake)
-    torch.library.register_fake("tcm::info_nce_lse_backward")(_lse_backward_fake)
-    torch.library.register_autograd("tcm::info_nce_lse", make_backward(torch.ops.tcm.info_nce_lse_backward),
-                                    setup_context=setup_context)
+    register("info_nce_lse", shapes.info_nce_lse, info_nce_lse_autograd(torch.ops.tcm.info_nce_lse_backward))
+    register("info_nce_lse_backward", shapes.info_nce_lse_backward)
 
 
 def _logsumexp(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, with_col: bool, backend: str,
@@ -84,9 +76,7 @@ def _logsumexp(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, with_col: 
     if backend == "reference":
         return _ref.logsumexp_rows_cols(x, y, inv_t, with_col)
     if backend == "triton":
-        from ..triton.info_nce import info_nce_lse_triton  # imports triton only when used
-
-        return info_nce_lse_triton(x, y, inv_t, with_col, 0 if block_size is None else block_size)
+        return torch.ops.tcm.info_nce_lse_triton(x, y, inv_t, with_col, 0 if block_size is None else block_size)
     return torch.ops.tcm.info_nce_lse(x, y, inv_t, with_col, CPU_BLOCK if block_size is None else block_size)
 
 
@@ -94,7 +84,7 @@ def _logsumexp(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, with_col: 
 
 def _inverse_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """1 / temperature as a 0-dim tensor in the accumulation dtype on ``like``'s device (differentiable)."""
-    acc = _ref.accumulate_dtype(like.dtype)
+    acc = accumulation_dtype(like.dtype)
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1 or not temperature.is_floating_point():
             raise ValueError(f"{_OP}: temperature must be a float or a floating-point tensor with one element, "

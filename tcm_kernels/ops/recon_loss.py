@@ -30,29 +30,39 @@ import torch
 from .. import _backend
 from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_real, check_same_device, check_tensor
+from .._core import shapes
 from ..reference import recon_loss as _ref
+from ._library import register
 
 _OP = "masked_recon_loss"
 
 
-@torch.library.register_fake("tcm::recon_loss_forward")
-def _forward_fake(pred, target, patch_size, norm_pix, eps):
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    n = math.prod([s // p for s, p in zip(pred.shape[2:], patch_size)])
-    return pred.new_empty((pred.shape[0], n), dtype=acc)
+@torch.library.custom_op("tcm::recon_loss_forward_triton", mutates_args=())
+def _forward_triton(pred: torch.Tensor, target: torch.Tensor, patch_size: list[int], norm_pix: bool,
+                    eps: float) -> torch.Tensor:
+    """Triton back end of ``tcm::recon_loss_forward``; triton is imported on first use."""
+    from ..triton.recon_loss import recon_loss_forward
+
+    return recon_loss_forward(pred, target, patch_size, norm_pix, eps)
 
 
-@torch.library.register_fake("tcm::recon_loss_backward")
-def _backward_fake(grad_per_patch, pred, target, patch_size, norm_pix, eps):
-    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+@torch.library.custom_op("tcm::recon_loss_backward_triton", mutates_args=())
+def _backward_triton(grad_per_patch: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, patch_size: list[int],
+                     norm_pix: bool, eps: float) -> torch.Tensor:
+    """Triton back end of ``tcm::recon_loss_backward``."""
+    from ..triton.recon_loss import recon_loss_backward
+
+    return recon_loss_backward(grad_per_patch, pred, target, patch_size, norm_pix, eps)
+
+
+for _suffix in ("", "_triton"):
+    register(f"recon_loss_forward{_suffix}", shapes.recon_loss_forward)
+    register(f"recon_loss_backward{_suffix}", shapes.recon_loss_backward)
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton import recon_loss as tri
-
-        return tri.recon_loss_forward, tri.recon_loss_backward
-    return torch.ops.tcm.recon_loss_forward, torch.ops.tcm.recon_loss_backward
+    suffix = "_triton" if backend == "triton" else ""
+    return getattr(torch.ops.tcm, f"recon_loss_forward{suffix}"), getattr(torch.ops.tcm, f"recon_loss_backward{suffix}")
 
 
 class _PerPatchLoss(torch.autograd.Function):
@@ -95,8 +105,10 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
         visible: bool [B, N], True = kept patch; N = prod(S_i / p_i). The loss is
             over the masked patches (~visible).
         patch_size: int or one int per spatial dim; must divide the spatial shape.
-        norm_pix: normalize each target patch by its mean and unbiased variance.
-        eps: added to the variance inside the square root.
+        norm_pix: bool (TypeError otherwise); normalize each target patch by its mean and
+            unbiased variance.
+        eps: added to the variance inside the square root; finite, > 0 when norm_pix (a
+            constant patch would divide 0 by 0), >= 0 otherwise.
         backend: force ``"reference" | "cpu" | "triton"``.
 
     Returns:
@@ -110,6 +122,8 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
         raise ValueError(f"{_OP}: target must match pred in shape and dtype {tuple(pred.shape)} {pred.dtype}, "
                          f"got {tuple(target.shape)} {target.dtype}")
     check_same_device(_OP, pred=pred, target=target, visible=visible)
+    if not isinstance(norm_pix, bool):  # a truthy string such as "no" must not switch normalization on
+        raise TypeError(f"{_OP}: norm_pix must be a bool, got {type(norm_pix).__name__} {norm_pix!r}")
     ps = _patch_tuple(patch_size, tuple(pred.shape[2:]))
     n = math.prod([s // p for s, p in zip(pred.shape[2:], ps)])
     if tuple(visible.shape) != (pred.shape[0], n):
@@ -118,11 +132,12 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
     if norm_pix and pred.shape[1] * math.prod(ps) < 2:
         raise ValueError(f"{_OP}: norm_pix needs at least 2 elements per patch (unbiased variance), "
                          f"got C * prod(patch_size) = {pred.shape[1] * math.prod(ps)}")
-    eps = check_real(_OP, "eps", eps, low=0.0)
+    # With norm_pix, eps = 0 divides a constant patch (variance 0) by 0: NaN. Without it eps is unused.
+    eps = check_real(_OP, "eps", eps, low=0.0, high=float("inf"), low_open=norm_pix, high_open=True)
     chosen = _backend.choose_backend("recon_loss_forward", pred.device, backend)
     if chosen == "reference":
-        return _ref.masked_recon_loss(pred, target, visible, tuple(ps), bool(norm_pix), eps)
-    per_patch = _PerPatchLoss.apply(pred, target, ps, bool(norm_pix), eps, chosen)
+        return _ref.masked_recon_loss(pred, target, visible, tuple(ps), norm_pix, eps)
+    per_patch = _PerPatchLoss.apply(pred, target, ps, norm_pix, eps, chosen)
     masked = (~visible).to(per_patch.dtype)
     loss = (per_patch * masked).sum() / masked.sum().clamp_min(1)
     return loss, per_patch

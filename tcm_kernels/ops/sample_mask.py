@@ -87,6 +87,20 @@ def _philox_fake(counters, seed):
     return torch.empty_like(counters)
 
 
+@torch.library.custom_op("tcm::sample_mask_triton", mutates_args=())
+def _sample_mask_triton(scores: torch.Tensor, num_masked: int, strategy: str, seed: int, offset: int,
+                        temperature: float, roi_threshold: float, roi_mask_ratio: float,
+                        hard_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton back end of ``tcm::sample_mask`` (same schema); triton is imported on first use."""
+    from ..triton.sample_mask import sample_mask_triton
+
+    return sample_mask_triton(scores, num_masked, strategy, seed, offset, temperature, roi_threshold, roi_mask_ratio,
+                              hard_fraction)
+
+
+_sample_mask_triton.register_fake(_sample_mask_fake)
+
+
 # The schema of torch.ops.tcm.sample_mask takes ``int seed, int offset``, which torch.compile
 # specializes: every new offset (one per training step) would recompile the graph. This Python
 # custom op declares them SymInt (custom_op's schema for ``int``), so a compiled caller traces
@@ -119,8 +133,8 @@ def _num_masked(mask_ratio: float | torch.Tensor, b: int, n: int) -> int:
 
 
 def _check_scores(scores: torch.Tensor) -> None:
-    if torch.compiler.is_compiling():
-        return  # data-dependent checks would sync and break the graph; eager mode runs them
+    if torch.compiler.is_compiling() or scores.device.type == "meta":
+        return  # data-dependent checks would sync and break the graph (meta: no data); eager mode runs them
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         raise ValueError(f"{_OP}: scores must be finite (no NaN or inf)")
     if scores.numel() and bool((scores < 0).any()):
@@ -192,9 +206,7 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
     if chosen == "reference":
         out = tuple(t.to(scores.device) for t in _ref.sample_mask(s32, *args))
     elif chosen == "triton":
-        from ..triton.sample_mask import sample_mask_triton
-
-        out = sample_mask_triton(s32, *args)
+        out = torch.ops.tcm.sample_mask_triton(s32, *args)
     elif torch.compiler.is_compiling():
         out = _sample_mask_dynamic_seed(s32, *args)
     else:

@@ -32,42 +32,60 @@ import torch.distributed as dist
 
 from .. import _backend
 from .._autocast import autocast_rule
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, check_momentum, check_norm_eps, check_same_device, check_tensor
+from .._core import shapes
+from .._core.dtypes import accumulation_dtype
 from ..reference import sparse_norm as _ref
+from ._library import register
 
 
-# ----------------------------------------------------------------------------- fake (meta) implementations
+# ----------------------------------------------------------------------------- custom ops: Triton twins, fakes
 
-@torch.library.register_fake("tcm::masked_moments")
-def _moments_fake(x, mask):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    b, c = x.shape[:2]
-    return x.new_empty((b,), dtype=acc), x.new_empty((b, c), dtype=acc), x.new_empty((b, c), dtype=acc)
+@torch.library.custom_op("tcm::masked_moments_triton", mutates_args=())
+def _moments_triton(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton back end of ``tcm::masked_moments``; triton is imported on first use."""
+    from ..triton.sparse_norm import masked_moments
 
-
-@torch.library.register_fake("tcm::masked_scale_shift")
-def _scale_shift_fake(x, mask, center, scale, shift):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return masked_moments(x, mask)
 
 
-@torch.library.register_fake("tcm::masked_grad_moments")
-def _grad_moments_fake(dy, x, mask, center):
-    return torch.empty_like(center), torch.empty_like(center)
+@torch.library.custom_op("tcm::masked_scale_shift_triton", mutates_args=())
+def _scale_shift_triton(x: torch.Tensor, mask: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
+                        shift: torch.Tensor) -> torch.Tensor:
+    """Triton back end of ``tcm::masked_scale_shift``."""
+    from ..triton.sparse_norm import masked_scale_shift
+
+    return masked_scale_shift(x, mask, center, scale, shift)
 
 
-@torch.library.register_fake("tcm::masked_norm_backward")
-def _norm_backward_fake(dy, x, mask, dy_scale, x_scale, center, shift):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+@torch.library.custom_op("tcm::masked_grad_moments_triton", mutates_args=())
+def _grad_moments_triton(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                         center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton back end of ``tcm::masked_grad_moments``."""
+    from ..triton.sparse_norm import masked_grad_moments
+
+    return masked_grad_moments(dy, x, mask, center)
+
+
+@torch.library.custom_op("tcm::masked_norm_backward_triton", mutates_args=())
+def _norm_backward_triton(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dy_scale: torch.Tensor,
+                          x_scale: torch.Tensor, center: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Triton back end of ``tcm::masked_norm_backward``."""
+    from ..triton.sparse_norm import masked_norm_backward
+
+    return masked_norm_backward(dy, x, mask, dy_scale, x_scale, center, shift)
+
+
+_PRIMITIVES = ("masked_moments", "masked_scale_shift", "masked_grad_moments", "masked_norm_backward")
+for _name in _PRIMITIVES:
+    for _suffix in ("", "_triton"):
+        register(f"{_name}{_suffix}", getattr(shapes, _name))
 
 
 def _kernels(backend: str):
     """(moments, scale_shift, grad_moments, norm_backward) of a back end; all take [B, C, L] / [B, L]."""
-    if backend == "triton":
-        from ..triton import sparse_norm as tri
-
-        return tri.masked_moments, tri.masked_scale_shift, tri.masked_grad_moments, tri.masked_norm_backward
-    ops = torch.ops.tcm
-    return ops.masked_moments, ops.masked_scale_shift, ops.masked_grad_moments, ops.masked_norm_backward
+    suffix = "_triton" if backend == "triton" else ""
+    return tuple(getattr(torch.ops.tcm, f"{name}{suffix}") for name in _PRIMITIVES)
 
 
 # ----------------------------------------------------------------------------- statistic groups
@@ -131,7 +149,7 @@ class _MaskedNorm(torch.autograd.Function):
     def forward(ctx, x3, mask2, weight, bias, eps, kind, groups, stats, sync_group, backend):
         moments, scale_shift, _, _ = _kernels(backend)
         b, c, _ = x3.shape
-        acc = torch.float64 if x3.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(x3.dtype)
         if stats is None:
             count, mean, m2 = moments(x3, mask2)
             n, center, q = _group_moments(count, mean, m2, kind, groups, sync_group)
@@ -238,6 +256,7 @@ def sparse_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean: torch.T
     """
     op = "sparse_batch_norm"
     _check_inputs(op, x, mask, weight, bias)
+    eps, momentum = check_norm_eps(op, eps), check_momentum(op, momentum)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must be given together, got only one")
     if not training and running_mean is None:
@@ -280,6 +299,7 @@ def sparse_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weig
     """
     op = "sparse_group_norm"
     _check_inputs(op, x, mask, weight, bias)
+    eps = check_norm_eps(op, eps)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:
         raise ValueError(f"{op}: num_groups must be a positive int dividing C={x.shape[1]}, got {num_groups!r}")
     chosen = _backend.choose_backend("masked_moments", x.device, backend)
@@ -299,6 +319,7 @@ def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tens
     """
     op = "sparse_instance_norm"
     _check_inputs(op, x, mask, weight, bias)
+    eps = check_norm_eps(op, eps)
     chosen = _backend.choose_backend("masked_moments", x.device, backend)
     if chosen == "reference":
         return _ref.sparse_instance_norm(x, mask, weight, bias, eps)
@@ -317,6 +338,7 @@ def sparse_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor 
     a select, with no kernel of its own.
     """
     op = "sparse_layer_norm"
+    eps = check_norm_eps(op, eps)
     if channels_last:
         check_tensor(op, "x", x, ndim=(4, 5), dtypes=FLOAT_DTYPES)
         check_tensor(op, "mask", mask, dtypes=(torch.bool,))

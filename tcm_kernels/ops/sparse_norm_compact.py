@@ -31,15 +31,12 @@ import torch
 import torch.distributed as dist
 
 from .._autocast import autocast_rule
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, check_momentum, check_norm_eps, check_same_device, check_tensor
+from .._core.dtypes import accumulation_dtype
 from .sparse_norm import _all_reduce, _group_moments
 
 _REDUCED = (torch.float16, torch.bfloat16)
 _NO_ACTIVE_SITE = "the batch has no active site; batch statistics are undefined"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_features(op: str, features: torch.Tensor, weight, bias) -> None:
@@ -88,7 +85,7 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, bias, eps, group):
-        acc = _acc_dtype(features.dtype)
+        acc = accumulation_dtype(features.dtype)
         xf = features.to(acc)
         rows = features.shape[0]
         if rows:
@@ -140,7 +137,7 @@ class _SegmentNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, seg, batch_size, groups, weight, bias, eps):
-        acc = _acc_dtype(features.dtype)
+        acc = accumulation_dtype(features.dtype)
         rows, c = features.shape
         xf = features.to(acc)
         rows_per_sample = xf.new_zeros(batch_size, 1).index_add_(0, seg, xf.new_ones(rows, 1))
@@ -218,6 +215,7 @@ def compact_batch_norm(features: torch.Tensor, running_mean: torch.Tensor | None
     """
     op = "compact_batch_norm"
     _check_features(op, features, weight, bias)
+    eps, momentum = check_norm_eps(op, eps), check_momentum(op, momentum)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must be given together, got only one")
     if not training and running_mean is None:
@@ -250,7 +248,7 @@ def compact_batch_norm(features: torch.Tensor, running_mean: torch.Tensor | None
                          running_var if native_update else None, True, momentum, eps, False)
     if running_mean is not None and not native_update:
         with torch.no_grad():
-            var, mean = torch.var_mean(features.to(_acc_dtype(features.dtype)), 0, correction=0)
+            var, mean = torch.var_mean(features.to(accumulation_dtype(features.dtype)), 0, correction=0)
         _update_running(running_mean, running_var, mean, var, rows, momentum)
     return y
 
@@ -271,6 +269,7 @@ def compact_group_norm(features: torch.Tensor, batch_index: torch.Tensor, batch_
     """
     op = "compact_group_norm"
     _check_features(op, features, weight, bias)
+    eps = check_norm_eps(op, eps)
     _check_batch_index(op, features, batch_index, batch_size)
     c = features.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
@@ -295,4 +294,5 @@ def compact_layer_norm(features: torch.Tensor, weight: torch.Tensor | None = Non
                        eps: float = 1e-6) -> torch.Tensor:
     """Layer norm over the channels of each row: features [N, C] -> [N, C]."""
     _check_features("compact_layer_norm", features, weight, bias)
+    eps = check_norm_eps("compact_layer_norm", eps)
     return torch.layer_norm(features, (features.shape[1],), weight, bias, eps)

@@ -11,10 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for fp32/fp16/bf16 inputs, fp64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._core.dtypes import accumulation_dtype
 
 
 def naive_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor, *, symmetric: bool = True,
@@ -38,7 +35,7 @@ def logsumexp_rows_cols(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor,
 
     x [M, D], y [N, D], inv_t 0-dim -> row_lse [M], col_lse [N] (empty when not ``with_col``).
     """
-    acc = accumulate_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     logits = (x.to(acc) @ y.to(acc).T) * inv_t.to(acc)
     row_lse = torch.logsumexp(logits, dim=1)
     col_lse = torch.logsumexp(logits, dim=0) if with_col else logits.new_empty(0)

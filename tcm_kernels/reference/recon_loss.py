@@ -6,6 +6,9 @@ import math
 
 import torch
 
+from .._core.dtypes import accumulation_dtype
+from .._core.geometry import blocked_shape
+
 
 def patchify(img: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
     """[B, C, *S] -> [B, N, C * prod(patch_size)] with patches in row-major grid order.
@@ -16,10 +19,7 @@ def patchify(img: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
     b, c = img.shape[:2]
     spatial = img.shape[2:]
     grid = [s // p for s, p in zip(spatial, patch_size)]
-    shape = [b, c]
-    for g, p in zip(grid, patch_size):
-        shape += [g, p]
-    x = img.reshape(shape)
+    x = img.reshape(b, c, *blocked_shape(spatial, patch_size))
     d = len(spatial)
     perm = [0] + [2 + 2 * i for i in range(d)] + [1] + [3 + 2 * i for i in range(d)]
     return x.permute(perm).reshape(b, math.prod(grid), c * math.prod(patch_size))
@@ -27,7 +27,7 @@ def patchify(img: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
 
 def masked_recon_loss(pred, target, visible, patch_size, norm_pix=True, eps=1e-6):
     """(loss, per_patch): per-patch MSE against the (normalized) target, mean over masked patches."""
-    opmath = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    opmath = accumulation_dtype(pred.dtype)
     p = patchify(pred.to(opmath), patch_size)
     t = patchify(target.detach().to(opmath), patch_size)  # the target is data: no gradient
     if norm_pix:

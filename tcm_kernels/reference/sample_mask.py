@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .._core.sampling import hardest_budget
 from .philox import log_portable, ordered_bits, patch_words, uniform_open
 
 
@@ -24,10 +25,6 @@ def _take_smallest(candidates: torch.Tensor, *keys: torch.Tensor, k: int) -> tor
 def stratified_roi_budget(n: int, n_roi: int, num_masked: int, roi_mask_ratio: float) -> int:
     lo, hi = max(num_masked - (n - n_roi), 0), min(num_masked, n_roi)
     return min(max(math.floor(roi_mask_ratio * n_roi + 0.5), lo), hi)
-
-
-def hardest_budget(num_masked: int, hard_fraction: float) -> int:
-    return min(max(math.floor(hard_fraction * num_masked + 0.5), 0), num_masked)
 
 
 def masked_patches_of_row(scores: torch.Tensor, row: int, num_masked: int, strategy: str, seed: int, offset: int,

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import torch
 
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._core.dtypes import accumulation_dtype
 
 
 def _masked_moments(x: torch.Tensor, m: torch.Tensor, dims: tuple[int, ...]):
+    """Values at inactive sites are never read (NaN/inf there stay out of the statistics, as in the kernels)."""
+    on = m.expand_as(x) > 0
     n = m.expand_as(x).sum(dims, keepdim=True)
-    mean = (x * m).sum(dims, keepdim=True) / n.clamp_min(1)
-    var = (((x - mean) * m) ** 2).sum(dims, keepdim=True) / n.clamp_min(1)
+    mean = torch.where(on, x, 0).sum(dims, keepdim=True) / n.clamp_min(1)
+    var = torch.where(on, x - mean, 0).pow(2).sum(dims, keepdim=True) / n.clamp_min(1)
     return n, mean, var
 
 
@@ -34,7 +34,7 @@ def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 def sparse_batch_norm(x, mask, running_mean=None, running_var=None, weight=None, bias=None, training=True,
                       momentum=0.1, eps=1e-5):
     """Batch norm over the active sites of every channel; updates running stats like nn.BatchNorm."""
-    xf, m = x.to(_opmath(x.dtype)), mask.to(_opmath(x.dtype))
+    xf, m = x.to(accumulation_dtype(x.dtype)), mask.to(accumulation_dtype(x.dtype))
     dims = (0,) + tuple(range(2, x.dim()))
     if training or running_mean is None:
         n, mean, var = _masked_moments(xf, m, dims)
@@ -53,7 +53,7 @@ def sparse_batch_norm(x, mask, running_mean=None, running_var=None, weight=None,
 def sparse_group_norm(x, mask, num_groups, weight=None, bias=None, eps=1e-5):
     """Group norm: statistics per (sample, group of C / num_groups channels) over active sites."""
     b, c = x.shape[:2]
-    xf, m = x.to(_opmath(x.dtype)), mask.to(_opmath(x.dtype))
+    xf, m = x.to(accumulation_dtype(x.dtype)), mask.to(accumulation_dtype(x.dtype))
     xg = xf.reshape(b, num_groups, c // num_groups, *x.shape[2:])
     mg = m.unsqueeze(1)
     _, mean, var = _masked_moments(xg, mg, tuple(range(2, xg.dim())))
@@ -71,7 +71,7 @@ def sparse_layer_norm(x, mask, weight=None, bias=None, eps=1e-6, channels_last=F
 
     channels_last: x [B, *S, C] with mask [B, *S, 1]; otherwise x [B, C, *S] with mask [B, 1, *S].
     """
-    xf = x.to(_opmath(x.dtype))
+    xf = x.to(accumulation_dtype(x.dtype))
     dim = -1 if channels_last else 1
     mean = xf.mean(dim, keepdim=True)
     var = ((xf - mean) ** 2).mean(dim, keepdim=True)

@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
-from ..ops.info_nce import make_backward, setup_context
 
 
 @triton.jit
@@ -147,7 +146,6 @@ def _check(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor) -> None:
                          f"{tuple(y.shape)}, {tuple(inv_t.shape)}")
 
 
-@torch.library.custom_op("tcm::info_nce_lse_triton", mutates_args=())
 def info_nce_lse_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, with_col: bool,
                         block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``tcm::info_nce_lse`` (block 0 = chosen from D)."""
@@ -156,12 +154,6 @@ def info_nce_lse_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, w
     row_lse = _row_lse(x, y, inv_t, block)
     col_lse = _row_lse(y, x, inv_t, block) if with_col else x.new_empty(0, dtype=torch.float32)
     return row_lse, col_lse
-
-
-@info_nce_lse_triton.register_fake
-def _(x, y, inv_t, with_col, block):
-    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(y.shape[0] if with_col else 0,
-                                                                     dtype=torch.float32)
 
 
 def _grad_rows(x, y, inv_t, lse_x, g_x, lse_y, g_y, x_term, y_term, dot, block):
@@ -178,7 +170,6 @@ def _grad_rows(x, y, inv_t, lse_x, g_x, lse_y, g_y, x_term, y_term, dot, block):
     return grad
 
 
-@torch.library.custom_op("tcm::info_nce_lse_backward_triton", mutates_args=())
 def info_nce_lse_backward_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, row_lse: torch.Tensor,
                                  col_lse: torch.Tensor, grad_row_lse: torch.Tensor, grad_col_lse: torch.Tensor,
                                  block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,12 +185,3 @@ def info_nce_lse_backward_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.
     grad_y = _grad_rows(y, x, inv_t, c, gc, r, gr, with_col, True, None, block)
     grad_inv_t = (dot.sum() / inv_t.to(**f32)).to(inv_t.dtype).reshape(inv_t.shape)
     return grad_x, grad_y, grad_inv_t
-
-
-@info_nce_lse_backward_triton.register_fake
-def _(x, y, inv_t, row_lse, col_lse, grad_row_lse, grad_col_lse, block):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(inv_t)
-
-
-torch.library.register_autograd(info_nce_lse_triton, make_backward(info_nce_lse_backward_triton),
-                                setup_context=setup_context)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.dtypes import accumulation_dtype
+
 _BLOCK = 512
 
 
@@ -110,10 +112,6 @@ def _geometry(shape: torch.Size, patch_size: list[int]):
     return (d, h, w, pd, ph, pw, grid[1], grid[2]), math.prod(grid), shape[1] * pd * ph * pw
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _launch_args(pred: torch.Tensor, patch_size: list[int]):
     geo, n_patches, n_elems = _geometry(pred.shape, patch_size)
     image = math.prod(pred.shape[1:])
@@ -121,24 +119,16 @@ def _launch_args(pred: torch.Tensor, patch_size: list[int]):
     return geo, n_patches, n_elems, image, block
 
 
-@torch.library.custom_op("tcm_triton::recon_loss_forward", mutates_args=())
 def recon_loss_forward(pred: torch.Tensor, target: torch.Tensor, patch_size: list[int], norm_pix: bool,
                        eps: float) -> torch.Tensor:
     geo, n_patches, n_elems, image, block = _launch_args(pred, patch_size)
-    out = torch.empty(pred.shape[0], n_patches, dtype=_acc(pred), device=pred.device)
+    out = torch.empty(pred.shape[0], n_patches, dtype=accumulation_dtype(pred.dtype), device=pred.device)
     if out.numel():
         _forward_kernel[(out.numel(),)](pred.contiguous(), target.contiguous(), out, eps, n_patches, image, *geo,
                                         n_elems, NORM_PIX=norm_pix, BLOCK=block)
     return out
 
 
-@recon_loss_forward.register_fake
-def _(pred, target, patch_size, norm_pix, eps):
-    _, n_patches, _ = _geometry(pred.shape, patch_size)
-    return pred.new_empty((pred.shape[0], n_patches), dtype=_acc(pred))
-
-
-@torch.library.custom_op("tcm_triton::recon_loss_backward", mutates_args=())
 def recon_loss_backward(grad_per_patch: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
                         patch_size: list[int], norm_pix: bool, eps: float) -> torch.Tensor:
     geo, n_patches, n_elems, image, block = _launch_args(pred, patch_size)
@@ -148,8 +138,3 @@ def recon_loss_backward(grad_per_patch: torch.Tensor, pred: torch.Tensor, target
         _backward_kernel[(grad_per_patch.numel(),)](grad_per_patch.contiguous(), pred, target.contiguous(), grad, eps,
                                                     n_patches, image, *geo, n_elems, NORM_PIX=norm_pix, BLOCK=block)
     return grad
-
-
-@recon_loss_backward.register_fake
-def _(grad_per_patch, pred, target, patch_size, norm_pix, eps):
-    return torch.empty_like(pred, memory_format=torch.contiguous_format)

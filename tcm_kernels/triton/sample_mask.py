@@ -52,8 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.sample_mask import _sample_mask_fake
-from ..reference.sample_mask import hardest_budget
+from .._core.sampling import hardest_budget
 from .philox import philox4x32_10
 
 MAX_PATCHES = 16384
@@ -227,7 +226,6 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
-@torch.library.custom_op("tcm_triton::sample_mask", mutates_args=())
 def sample_mask_triton(scores: torch.Tensor, num_masked: int, strategy: str, seed: int, offset: int,
                        temperature: float, roi_threshold: float, roi_mask_ratio: float,
                        hard_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,6 +268,3 @@ def sample_mask_triton(scores: torch.Tensor, num_masked: int, strategy: str, see
             num_warps=_num_warps(block), enable_fp_fusion=False,
         )
     return visible, ids_keep, ids_restore
-
-
-sample_mask_triton.register_fake(_sample_mask_fake)

@@ -8,7 +8,8 @@ accumulation dtype (float32, float64 for float64 x). bf16/fp16 math is upcast.
   deviations from the tile mean) and merged into the running (count, mean, M2)
   with Chan's formula. No atomics: deterministic.
 * elementwise passes (scale_shift, norm_backward): grid (plane, L tile).
-Each launcher is a ``torch.library.custom_op`` so torch.compile treats it as one op.
+``tcm_kernels.ops`` registers each launcher as a ``tcm::<name>_triton`` custom op, so torch.compile
+treats it as one op.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .._core.dtypes import accumulation_dtype
 
 _BLOCK = 1024
 
@@ -95,35 +98,23 @@ def _norm_backward_kernel(DY, X, MASK, DY_SCALE, X_SCALE, CENTER, SHIFT, DX, C, 
     tl.store(DX + plane * L + offs, tl.where(on, dx, 0.0).to(DX.dtype.element_ty), mask=inb)
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _block(length: int) -> int:
     return min(_BLOCK, max(16, triton.next_power_of_2(max(length, 1))))
 
 
-@torch.library.custom_op("tcm_triton::masked_moments", mutates_args=())
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, c, length = x.shape
     x, mask = x.contiguous(), mask.contiguous()
-    count = torch.zeros(b, dtype=_acc(x), device=x.device)
-    mean = torch.empty(b, c, dtype=_acc(x), device=x.device)
+    count = torch.zeros(b, dtype=accumulation_dtype(x.dtype), device=x.device)
+    mean = torch.empty(b, c, dtype=accumulation_dtype(x.dtype), device=x.device)
     m2 = torch.empty_like(mean)
     if b * c:
         _moments_kernel[(b * c,)](x, mask, count, mean, m2, c, length, BLOCK=_block(length))
     if c == 0:
-        count = mask.sum(1).to(_acc(x))
+        count = mask.sum(1).to(accumulation_dtype(x.dtype))
     return count, mean, m2
 
 
-@masked_moments.register_fake
-def _(x, mask):
-    b, c, _ = x.shape
-    return x.new_empty((b,), dtype=_acc(x)), x.new_empty((b, c), dtype=_acc(x)), x.new_empty((b, c), dtype=_acc(x))
-
-
-@torch.library.custom_op("tcm_triton::masked_scale_shift", mutates_args=())
 def masked_scale_shift(x: torch.Tensor, mask: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
                        shift: torch.Tensor) -> torch.Tensor:
     b, c, length = x.shape
@@ -136,16 +127,10 @@ def masked_scale_shift(x: torch.Tensor, mask: torch.Tensor, center: torch.Tensor
     return y
 
 
-@masked_scale_shift.register_fake
-def _(x, mask, center, scale, shift):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("tcm_triton::masked_grad_moments", mutates_args=())
 def masked_grad_moments(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                         center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, length = x.shape
-    sum_dy = torch.zeros(b, c, dtype=_acc(x), device=x.device)
+    sum_dy = torch.zeros(b, c, dtype=accumulation_dtype(x.dtype), device=x.device)
     sum_dy_xc = torch.zeros_like(sum_dy)
     if b * c:
         _grad_moments_kernel[(b * c,)](dy.contiguous(), x.contiguous(), mask.contiguous(), center.contiguous(),
@@ -153,12 +138,6 @@ def masked_grad_moments(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     return sum_dy, sum_dy_xc
 
 
-@masked_grad_moments.register_fake
-def _(dy, x, mask, center):
-    return torch.empty_like(center), torch.empty_like(center)
-
-
-@torch.library.custom_op("tcm_triton::masked_norm_backward", mutates_args=())
 def masked_norm_backward(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dy_scale: torch.Tensor,
                          x_scale: torch.Tensor, center: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     b, c, length = x.shape
@@ -170,8 +149,3 @@ def masked_norm_backward(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, 
             dy.contiguous(), x, mask.contiguous(), dy_scale.contiguous(), x_scale.contiguous(), center.contiguous(),
             shift.contiguous(), dx, c, length, BLOCK=blk)
     return dx
-
-
-@masked_norm_backward.register_fake
-def _(dy, x, mask, dy_scale, x_scale, center, shift):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -17,9 +17,9 @@ program: no atomics, deterministic. Half inputs are upcast to fp32 and ``tl.dot`
 kernel run on grad_out with the flipped, in/out-transposed kernel; the weight gradient is
 K GEMMs ``X[nb_k]^T G`` through torch (deterministic).
 
-Both layouts share the launcher :func:`conv_rows` and :func:`weight_grad_rows`: the compact custom
-op ``tcm_triton::submconv_compact`` calls them on the rows as given, the masked-dense
-``tcm_triton::submconv`` gathers the active rows first and scatters the result back.
+Both layouts share the launcher :func:`conv_rows` and :func:`weight_grad_rows`: the compact launcher
+calls them on the rows as given, the masked-dense one gathers the active rows first and scatters the
+result back. ``tcm_kernels.ops`` registers them as ``tcm::submconv_*_triton`` custom ops.
 """
 
 from __future__ import annotations
@@ -161,7 +161,6 @@ def _dense(rows: torch.Tensor, mask: torch.Tensor, like: torch.Tensor, channels:
     return out.movedim(-1, 1).contiguous()
 
 
-@torch.library.custom_op("tcm_triton::submconv", mutates_args=())
 def submconv_triton(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     dilation: list[int], groups: int) -> torch.Tensor:
     """Masked-dense in and out, like tcm::submconv_forward; the rows are computed by the Triton kernel."""
@@ -170,12 +169,6 @@ def submconv_triton(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, b
     return _dense(rows, mask, x, weight.shape[0])
 
 
-@submconv_triton.register_fake
-def _submconv_triton_fake(x, mask, weight, bias, dilation, groups):
-    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
-
-
-@torch.library.custom_op("tcm_triton::submconv_weight_grad", mutates_args=())
 def submconv_weight_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                                 dilation: list[int], groups: int) -> torch.Tensor:
     """dW [Cout, Cin/G, *k] of the masked-dense layout (gathers the active rows, then :func:`weight_grad_rows`)."""
@@ -183,84 +176,14 @@ def submconv_weight_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, mask: t
     return weight_grad_rows(_compact(x, mask), _compact(grad_out, mask), grid, sites, weight, tuple(dilation), groups)
 
 
-@submconv_weight_grad_triton.register_fake
-def _weight_grad_fake(grad_out, x, mask, weight, dilation, groups):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("tcm_triton::submconv_compact", mutates_args=())
 def submconv_compact_triton(features: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None, dilation: list[int], groups: int) -> torch.Tensor:
     """Compact rows in and out, like tcm::submconv_compact_forward: [N, Cin] -> [N, Cout] in features' dtype."""
     return conv_rows(features, grid, sites, weight, bias, tuple(dilation), groups).to(features.dtype)
 
 
-@submconv_compact_triton.register_fake
-def _submconv_compact_fake(features, grid, sites, weight, bias, dilation, groups):
-    return features.new_empty((features.shape[0], weight.shape[0]))
-
-
-@torch.library.custom_op("tcm_triton::submconv_compact_weight_grad", mutates_args=())
 def submconv_compact_weight_grad_triton(grad_out: torch.Tensor, features: torch.Tensor, grid: torch.Tensor,
                                         sites: torch.Tensor, weight: torch.Tensor, dilation: list[int],
                                         groups: int) -> torch.Tensor:
     """dW [Cout, Cin/G, *k] of the compact layout."""
     return weight_grad_rows(features, grad_out, grid, sites, weight, tuple(dilation), groups)
-
-
-@submconv_compact_weight_grad_triton.register_fake
-def _compact_weight_grad_fake(grad_out, features, grid, sites, weight, dilation, groups):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    x, mask, weight, bias, dilation, groups = inputs
-    ctx.save_for_backward(x, mask, weight)
-    ctx.has_bias = bias is not None
-    ctx.conf = (list(dilation), groups)
-
-
-def _backward(ctx, grad_out):
-    from ..ops.submconv import transposed_kernel
-
-    x, mask, weight = ctx.saved_tensors
-    dilation, groups = ctx.conf
-    grad_out = grad_out.contiguous()
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = submconv_triton(grad_out, mask, transposed_kernel(weight, groups), None, dilation, groups)
-    if ctx.needs_input_grad[2]:
-        grad_w = submconv_weight_grad_triton(grad_out, x, mask, weight, dilation, groups)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_b = (grad_out.float() * mask).sum([0, *range(2, grad_out.dim())]).to(grad_out.dtype)
-    return grad_x, None, grad_w, grad_b, None, None
-
-
-submconv_triton.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _compact_setup_context(ctx, inputs, output):
-    features, grid, sites, weight, bias, dilation, groups = inputs
-    ctx.save_for_backward(features, grid, sites, weight)
-    ctx.has_bias = bias is not None
-    ctx.conf = (list(dilation), groups)
-
-
-def _compact_backward(ctx, grad_out):
-    from ..ops.submconv import transposed_kernel
-
-    features, grid, sites, weight = ctx.saved_tensors
-    dilation, groups = ctx.conf
-    grad_out = grad_out.contiguous()
-    grad_f = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_f = submconv_compact_triton(grad_out, grid, sites, transposed_kernel(weight, groups), None, dilation,
-                                         groups)
-    if ctx.needs_input_grad[3]:
-        grad_w = submconv_compact_weight_grad_triton(grad_out, features, grid, sites, weight, dilation, groups)
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        grad_b = grad_out.float().sum(0).to(grad_out.dtype)
-    return grad_f, None, None, grad_w, grad_b, None, None
-
-
-submconv_compact_triton.register_autograd(_compact_backward, setup_context=_compact_setup_context)

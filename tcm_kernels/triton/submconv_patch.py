@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _patch_block
+from .._core.geometry import halo
+from .._core.patch_tiles import active_patches, centre_tiles, gather_tiles, padded_channels_last
 from .submconv import _block, tap_offsets
-from ..ops._conv_autograd import setup_conv_context
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _as_5d(t: torch.Tensor) -> torch.Tensor:
 def conv_patches(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  dilation: list[int], groups: int, patch: int) -> torch.Tensor:
     """fp32 [B, Cout, *S]: the patch-block submanifold conv of x [B, Cin, *S] (launches the kernel)."""
-    patches = _patch_block.active_patches(mask, patch)
+    patches = active_patches(mask, patch)
     nd = x.dim() - 2
     cout, cin_g, *kernel = weight.shape
     cout_g = cout // groups
@@ -122,33 +122,26 @@ def conv_patches(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias
     return y
 
 
-@torch.library.custom_op("tcm_triton::submconv_patch", mutates_args=())
 def submconv_patch_triton(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           dilation: list[int], groups: int, patch: int) -> torch.Tensor:
-    """Masked-dense in and out, like ``tcm_triton::submconv``; rows are the sites of the active patches."""
+    """Masked-dense in and out, like the generic Triton launcher; rows are the sites of the active patches."""
     return conv_patches(x, mask, weight, bias, dilation, groups, patch).to(x.dtype)
 
 
-@submconv_patch_triton.register_fake
-def _submconv_patch_triton_fake(x, mask, weight, bias, dilation, groups, patch):
-    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
-
-
-@torch.library.custom_op("tcm_triton::submconv_patch_weight_grad", mutates_args=())
 def submconv_patch_weight_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                                       weight: torch.Tensor, dilation: list[int], groups: int,
                                       patch: int) -> torch.Tensor:
     """dW [Cout, Cin/G, *k] = sum over the tiles' sites of G^T X[tap], one GEMM per tap and group."""
-    patches = _patch_block.active_patches(mask, patch)
+    patches = active_patches(mask, patch)
     cout, cin_g, *kernel = weight.shape
     cout_g = cout // groups
     dw = torch.zeros((cout, cin_g, *kernel), device=x.device, dtype=torch.float32)
     if patches[0].numel() == 0:
         return dw.to(weight.dtype)
-    pad = _patch_block.halo(kernel, dilation)
-    tiles = _patch_block.gather_tiles(_patch_block.padded_channels_last(x, mask, pad, torch.float32), patches,
+    pad = halo(kernel, dilation)
+    tiles = gather_tiles(padded_channels_last(x, mask, pad, torch.float32), patches,
                                       patch, pad)  # [T, Cin, *(p + 2r)]
-    g = _patch_block.centre_tiles(grad_out, patches, patch, torch.float32)  # [T, Cout, *p]
+    g = centre_tiles(grad_out, patches, patch, torch.float32)  # [T, Cout, *p]
     g = g.movedim(1, -1).reshape(-1, cout)
     for tap in torch.cartesian_prod(*(torch.arange(k) for k in kernel)).reshape(-1, len(kernel)).tolist():
         window = tiles[(slice(None), slice(None), *(slice(t * d, t * d + patch) for t, d in zip(tap, dilation)))]
@@ -158,27 +151,3 @@ def submconv_patch_weight_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, m
             dw[(slice(grp * cout_g, (grp + 1) * cout_g), slice(None), *tap)] = \
                 gs.t() @ a[:, grp * cin_g:(grp + 1) * cin_g]
     return dw.to(weight.dtype)
-
-
-@submconv_patch_weight_grad_triton.register_fake
-def _weight_grad_fake(grad_out, x, mask, weight, dilation, groups, patch):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
-def _backward(ctx, grad_out):
-    from ..ops.submconv import transposed_kernel
-
-    x, mask, weight = ctx.saved_tensors
-    dilation, groups, patch = ctx.conf
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = submconv_patch_triton(grad_out, mask, transposed_kernel(weight, groups), None, dilation, groups,
-                                       patch)
-    if ctx.needs_input_grad[2]:
-        grad_w = submconv_patch_weight_grad_triton(grad_out, x, mask, weight, dilation, groups, patch)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_b = _patch_block.masked_bias_grad(grad_out, mask)
-    return grad_x, None, grad_w, grad_b, None, None, None
-
-
-submconv_patch_triton.register_autograd(_backward, setup_context=setup_conv_context)

@@ -8,18 +8,13 @@ running statistics.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tcm_kernels import SparseTensor
 from tcm_kernels.nn import (SparseBatchNorm2d, SparseBatchNorm3d, SparseGroupNorm, SparseInstanceNorm2d,
-                            SparseInstanceNorm3d, SparseLayerNorm, SparseSyncBatchNorm)
-from tests.utils import assert_close_verbose
+                            SparseInstanceNorm3d, SparseLayerNorm)
+from tests.utils import assert_close_verbose, loss_weights, sync_batch_norm_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Both paths compute the statistics in float32 from the same (rounded) input, in different summation
@@ -202,39 +197,22 @@ def test_errors():
 
 # ---------------------------------------------------------------------------------------------- sync batch norm
 
-def _sync_worker(rank, world, init_file, st, split, w, b, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        bn = SparseSyncBatchNorm(st.features.shape[1])
-        with torch.no_grad():
-            bn.weight.copy_(w)
-            bn.bias.copy_(b)
-        rows = slice(0, split) if rank == 0 else slice(split, None)
-        feats = st.features[rows].clone().requires_grad_()
-        y = bn(SparseTensor(feats, st.coords[rows], st.spatial_shape, st.batch_size)).features
-        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
-        torch.save({"y": y.detach(), "dx": feats.grad, "dw": bn.weight.grad, "rv": bn.running_var},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sync_batch_norm_two_ranks_equals_one_big_batch():
     x, mask = _inputs(2, torch.float32, b=4, c=3)
     st = SparseTensor.from_dense(x, mask)
     split = 7  # uneven ranks: 7 rows on rank 0, the rest on rank 1
     g = torch.Generator().manual_seed(8)
     w, b = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_sync_worker, args=(2, os.path.join(tmp, "init"), st, split, w, b, tmp), nprocs=2, join=True)
-        parts = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    ranks = [slice(0, split), slice(split, None)]
+    parts = sync_batch_norm_ranks([SparseTensor(st.features[r], st.coords[r], st.spatial_shape, st.batch_size)
+                                   for r in ranks], w, b)
     full = SparseBatchNorm2d(3)
     with torch.no_grad():
         full.weight.copy_(w)
         full.bias.copy_(b)
     xr = x.clone().requires_grad_()
     y = _active_rows(full(xr, mask), mask)
-    weights = [torch.arange(n).reshape(-1, 3).sin() for n in (split * 3, (st.features.shape[0] - split) * 3)]
+    weights = [loss_weights((n, 3)) for n in (split, st.features.shape[0] - split)]
     (y * torch.cat(weights)).sum().backward()  # the ranks' losses
     assert_close_verbose(torch.cat([p["y"] for p in parts]), y, atol=1e-5, rtol=1e-5, name="sync y")
     assert_close_verbose(torch.cat([p["dx"] for p in parts]), _active_rows(xr.grad, mask), atol=1e-5, rtol=1e-5,

@@ -103,6 +103,31 @@ def test_non_finite_features_propagate():
     assert torch.isnan(coral_loss(s, _features(6, 3, 2)))
 
 
+def test_queue_rejects_non_finite_rows_and_stays_usable():
+    q = CovarianceQueue(3, capacity=6, dtype=torch.float64)
+    good = _features(6, 3, 11)
+    q.push(good)
+    before = q.covariance().clone()
+    bad = _features(5, 3, 12)
+    bad[1, 0] = float("nan")
+    bad[3, 2] = float("inf")
+    bad[4, 1] = float("-inf")
+    with pytest.raises(ValueError, match="got 3 of 5 rows with NaN or inf"):
+        q.push(bad)
+    assert len(q) == 6 and torch.equal(q.covariance(), before)
+    nxt = _features(4, 3, 13)
+    q.push(nxt)
+    want = np.cov(torch.cat([good, nxt])[-6:].numpy(), rowvar=False)
+    assert_close_verbose(q.covariance(), torch.from_numpy(want), atol=1e-9, rtol=1e-9, name="after rejection")
+
+
+def test_queue_rejects_rows_that_overflow_the_pool_dtype():
+    q = CovarianceQueue(2, capacity=4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="got 1 of 3 rows"):
+        q.push(torch.tensor([[1.0, 2.0], [1e6, 0.0], [3.0, 4.0]]))  # 1e6 is inf in fp16
+    assert len(q) == 0
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: coral_loss(torch.randn(5, 3), torch.randn(5, 4)), ValueError, "same feature size d, got 3 and 4"),
     (lambda: coral_loss(torch.randn(1, 3), torch.randn(5, 3)), ValueError, "source must have at least 2 rows"),

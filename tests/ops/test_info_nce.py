@@ -198,14 +198,13 @@ def test_opcheck_compiled_ops(with_col):
 
 def test_opcheck_triton_ops():
     pytest.importorskip("triton")
-    from tcm_kernels.triton.info_nce import info_nce_lse_backward_triton, info_nce_lse_triton as op
-
+    op, backward_op = torch.ops.tcm.info_nce_lse_triton.default, torch.ops.tcm.info_nce_lse_backward_triton.default
     a, b = _features(19, 8, torch.float32, seed=1)
     inv_t = torch.tensor(3.0)
     torch.library.opcheck(op, (a.requires_grad_(), b.requires_grad_(), inv_t.requires_grad_(), True, 16))
     row, col = op(a.detach(), b.detach(), inv_t.detach(), True, 16)
-    torch.library.opcheck(info_nce_lse_backward_triton, (a.detach(), b.detach(), inv_t.detach(), row, col,
-                                                         torch.rand_like(row), torch.rand_like(col), 16))
+    torch.library.opcheck(backward_op, (a.detach(), b.detach(), inv_t.detach(), row, col, torch.rand_like(row),
+                                        torch.rand_like(col), 16))
 
 
 @pytest.mark.parametrize("backend", COMPILED)

@@ -203,9 +203,8 @@ def test_opcheck_compiled(name):
 @pytest.mark.parametrize("name", ["recon_loss_forward", "recon_loss_backward"])
 def test_opcheck_triton(name):
     pytest.importorskip("triton")
-    from tcm_kernels.triton import recon_loss as tri  # noqa: F401  (registers tcm_triton ops)
 
-    torch.library.opcheck(getattr(torch.ops.tcm_triton, name), _op_samples()[name],
+    torch.library.opcheck(getattr(torch.ops.tcm, f"{name}_triton"), _op_samples()[name],
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -189,7 +189,7 @@ def test_triton_log_and_weighted_key_bits(device):
 
 def test_triton_custom_op_opcheck(device):
     scores = _scores(2, 11, seed=7).to(device)
-    torch.library.opcheck(tsm.sample_mask_triton, (scores, 5, "weighted", SEED, OFFSET, 1.0, 0.5, 0.0, 0.0))
+    torch.library.opcheck(torch.ops.tcm.sample_mask_triton.default, (scores, 5, "weighted", SEED, OFFSET, 1.0, 0.5, 0.0, 0.0))
 
 
 def test_triton_torch_compile_fullgraph_matches_eager(device):

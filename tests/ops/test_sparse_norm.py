@@ -6,18 +6,13 @@ nn.BatchNorm1d -> scatter), nn.BatchNorm2d on an all-active mask, and float64.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import tcm_kernels
 from tcm_kernels.nn import (SparseBatchNorm2d, SparseBatchNorm3d, SparseGroupNorm, SparseInstanceNorm2d,
-                            SparseInstanceNorm3d, SparseLayerNorm, SparseSyncBatchNorm)
-from tests.utils import assert_close_verbose, backend_param
+                            SparseInstanceNorm3d, SparseLayerNorm)
+from tests.utils import assert_close_verbose, backend_param, loss_weights, sync_batch_norm_ranks
 
 OP = "masked_moments"
 BACKENDS = [backend_param(OP, "reference"), backend_param(OP, "cpu"), backend_param(OP, "triton")]
@@ -337,9 +332,8 @@ def test_opcheck_compiled(name, dtype):
                                   "masked_norm_backward"])
 def test_opcheck_triton(name):
     pytest.importorskip("triton")
-    from tcm_kernels.triton import sparse_norm as tri  # noqa: F401  (registers tcm_triton ops)
 
-    torch.library.opcheck(getattr(torch.ops.tcm_triton, name), _op_samples(torch.float32)[name],
+    torch.library.opcheck(getattr(torch.ops.tcm, f"{name}_triton"), _op_samples(torch.float32)[name],
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -383,39 +377,17 @@ def test_compile_inductor_functional():
 
 # ---------------------------------------------------------------------------------------------- sync batch norm
 
-def _loss_weights(shape):
-    return torch.arange(torch.Size(shape).numel()).reshape(shape).sin()
-
-
-def _sync_worker(rank, world, init_file, x, mask, w, b, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        bn = SparseSyncBatchNorm(x.shape[1])
-        with torch.no_grad():
-            bn.weight.copy_(w)
-            bn.bias.copy_(b)
-        part = x.chunk(world)[rank].clone().requires_grad_()
-        y = bn(part, mask.chunk(world)[rank])
-        (y * _loss_weights(part.shape)).sum().backward()
-        torch.save({"y": y.detach(), "dx": part.grad, "dw": bn.weight.grad, "rv": bn.running_var},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sync_batch_norm_two_ranks_equals_one_big_batch():
     x, mask, w, b = _inputs((4, 3, 5, 6), torch.float32)
     mask[2:] &= torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(3)) < 0.5  # uneven ranks
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_sync_worker, args=(2, os.path.join(tmp, "init"), x, mask, w, b, tmp), nprocs=2, join=True)
-        parts = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    parts = sync_batch_norm_ranks(list(zip(x.chunk(2), mask.chunk(2))), w, b)
     full = SparseBatchNorm2d(3)
     with torch.no_grad():
         full.weight.copy_(w)
         full.bias.copy_(b)
     xr = x.clone().requires_grad_()
     y = full(xr, mask)
-    (y * torch.cat([_loss_weights(part.shape) for part in x.chunk(2)])).sum().backward()  # the ranks' losses
+    (y * torch.cat([loss_weights(part.shape) for part in x.chunk(2)])).sum().backward()  # the ranks' losses
     assert_close_verbose(torch.cat([p["y"] for p in parts]), y, atol=1e-5, rtol=1e-5, name="sync y")
     assert_close_verbose(torch.cat([p["dx"] for p in parts]), xr.grad, atol=1e-5, rtol=1e-5, name="sync dx")
     assert_close_verbose(parts[0]["dw"] + parts[1]["dw"], full.weight.grad, atol=1e-4, rtol=1e-4, name="sync dw")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tcm_kernels
-from tcm_kernels.ops.submconv import is_patch_aligned, transposed_kernel
+from tcm_kernels._core.geometry import space_to_depth, transposed_kernel
+from tcm_kernels.experimental import is_patch_aligned
 from tcm_kernels.reference import submconv as ref
 from tests.utils import assert_close_verbose, backend_param, run_without_interpreter
 
@@ -67,7 +68,8 @@ def test_patch_aligned_mask_and_dilation(backend, nd, patch, dilation):
     spatial = (16, 12) if nd == 2 else (8, 6, 4)
     x, m, w, b = make_case(nd, 8, 16, 3, spatial=spatial, mask=patch)
     assert is_patch_aligned(m, patch) and not is_patch_aligned(random_mask(x.shape), patch)
-    y = tcm_kernels.submanifold_conv(x, m, w, b, dilation=dilation, patch_size=patch, backend=backend)
+    with pytest.warns(DeprecationWarning, match="tcm_kernels.experimental.submanifold_conv_patch"):
+        y = tcm_kernels.submanifold_conv(x, m, w, b, dilation=dilation, patch_size=patch, backend=backend)
     assert_close_verbose(y, ref.submanifold_conv(x, m, w, b, dilation=dilation), atol=2e-4, rtol=2e-4, name="y")
 
 
@@ -255,7 +257,8 @@ def test_bad_input(backend):
         conv(x, m, w, dilation=(1, 0), backend=backend)
     with pytest.raises(ValueError, match="x must be 4-D or 5-D"):
         conv(x[0], m[0], w, backend=backend)
-    with pytest.raises(ValueError, match="mask must be aligned to patches of size 4"):
+    with pytest.raises(ValueError, match="mask must be aligned to patches of size 4"), \
+            pytest.warns(DeprecationWarning):
         conv(x[..., :8, :8], random_mask((2, 1, 8, 8)), w, patch_size=4, backend=backend)
     with pytest.raises(ValueError, match="stride 2 must divide"):
         tcm_kernels.sparse_downsample(x, m, torch.randn(6, 4, 2, 2), stride=2)
@@ -316,8 +319,6 @@ def test_sparse_downsample_torch_compile(backend):
 
 def test_space_to_depth_is_the_strided_conv():
     """conv(k = s, stride s) == 1x1 conv of space_to_depth with weight.reshape(Cout, Cin s^d, 1, ...)."""
-    from tcm_kernels.ops.submconv import space_to_depth
-
     for nd, spatial in [(2, (6, 4)), (3, (2, 4, 6))]:
         x = torch.randn(2, 3, *spatial, dtype=torch.float64)
         w = torch.randn(5, 3, *(2,) * nd, dtype=torch.float64)
@@ -668,12 +669,11 @@ def test_triton_half_precision_error_rule(backend, device, dtype):
 
 @pytest.mark.parametrize("backend", [TRITON])
 def test_triton_empty_mask_and_opcheck(backend, device):
-    from tcm_kernels.triton.submconv import submconv_triton
-
     x, m, w, b = (t.to(device) for t in make_case(2, 4, 4, 3, spatial=(5, 6)))
     empty = torch.zeros_like(m)
     assert bool((tcm_kernels.submanifold_conv(x, empty, w, b, backend=backend) == 0).all())
-    torch.library.opcheck(submconv_triton, (x.requires_grad_(), m, w.requires_grad_(), b, [1, 1], 1),
+    torch.library.opcheck(torch.ops.tcm.submconv_forward_triton.default,
+                          (x.requires_grad_(), m, w.requires_grad_(), b, [1, 1], 1, 0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -697,8 +697,6 @@ def test_triton_compact_vs_reference(backend, device, nd, cin, cout, groups, k, 
 
 @pytest.mark.parametrize("backend", [TRITON])
 def test_triton_compact_half_empty_and_opcheck(backend, device):
-    from tcm_kernels.triton.submconv import submconv_compact_triton
-
     st, w, b, _, _ = compact_case(2, 8, 8, 3, spatial=(8, 8))
     km = tcm_kernels.KernelMap(*(t.to(device) for t in st.kernel_map()))
     f, w, b = st.features.to(device), w.to(device), b.to(device)
@@ -708,8 +706,8 @@ def test_triton_compact_half_empty_and_opcheck(backend, device):
     assert_close_verbose(y16, y_ref, atol=TOL[torch.float16][0], rtol=TOL[torch.float16][1], name="fp16")
     empty = tcm_kernels.KernelMap(torch.full_like(km.grid, -1), km.sites[:0])
     assert tcm_kernels.submanifold_conv_compact(f[:0], empty, w, b, backend=backend).shape == (0, 8)
-    torch.library.opcheck(submconv_compact_triton, (f.clone().requires_grad_(), *km, w.clone().requires_grad_(), b,
-                                                    [1, 1], 1),
+    torch.library.opcheck(torch.ops.tcm.submconv_compact_forward_triton.default,
+                          (f.clone().requires_grad_(), *km, w.clone().requires_grad_(), b, [1, 1], 1, 0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

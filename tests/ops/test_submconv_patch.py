@@ -1,7 +1,7 @@
-"""submanifold_conv's patch-block path (dense tiles with halos) vs the dense reference conv(x*mask)*mask.
+"""The experimental patch-block path (dense tiles with halos) vs the dense reference conv(x*mask)*mask.
 
-"cpu" runs the torch/oneDNN tile path (``path="patch"`` on CPU tensors), "triton" the Triton tile
-kernel under TRITON_INTERPRET=1 (small shapes).
+"cpu" runs the torch/oneDNN tile path (:func:`tcm_kernels.experimental.submanifold_conv_patch` on
+CPU tensors), "triton" the Triton tile kernel under TRITON_INTERPRET=1 (small shapes).
 """
 
 from __future__ import annotations
@@ -10,13 +10,8 @@ import pytest
 import torch
 
 import tcm_kernels
-from tcm_kernels.ops import _patch_block
-from tcm_kernels.ops._patch_block import (
-    prefer_patch_path,
-    submconv_patch,
-    submconv_patch_weight_grad,
-)
-from tcm_kernels.ops.submconv import is_patch_aligned
+from tcm_kernels.experimental import is_patch_aligned, prefer_patch_path, submanifold_conv_patch
+from tcm_kernels.ops import submconv_patch as patch_ops
 from tcm_kernels.reference import submconv as ref
 from tests.ops.test_submconv import TOL, make_case
 from tests.utils import assert_close_verbose, backend_param, run_without_interpreter
@@ -37,7 +32,7 @@ def case(dev, *args, **kwargs):
 
 
 def conv(x, m, w, b=None, *, backend, patch, **kw):
-    return tcm_kernels.submanifold_conv(x, m, w, b, patch_size=patch, path="patch", backend=backend, **kw)
+    return submanifold_conv_patch(x, m, w, b, patch_size=patch, backend=backend, **kw)
 
 
 def check_forward_backward(dev, backend, nd, cin, cout, k, groups, dilation, patch, spatial, atol=2e-4):
@@ -174,9 +169,9 @@ def test_bad_patch_size(backend, dev):
     with pytest.raises(ValueError, match="mask must be aligned to patches of size 8"):
         conv(x, m, w, b, backend=backend, patch=8)
     with pytest.raises(ValueError, match="patch_size 5 must divide the spatial shape \\(8, 16\\)"):
-        submconv_patch(x, m, w, b, [1, 1], 1, 5)
+        torch.ops.tcm.submconv_patch(x, m, w, b, [1, 1], 1, 5)
     with pytest.raises(ValueError, match="mask must be aligned to patches of size 8"):
-        submconv_patch(x, m, w, b, [1, 1], 1, 8)
+        torch.ops.tcm.submconv_patch(x, m, w, b, [1, 1], 1, 8)
 
 
 def test_path_argument_is_validated():
@@ -209,17 +204,23 @@ def test_auto_rule(backend, nd, patch, kernel, dilation, groups, expected):
 
 
 @pytest.mark.parametrize("backend", [CPU])
-def test_auto_picks_the_documented_path(backend, monkeypatch):
+def test_default_dispatch_never_takes_the_patch_path(backend, monkeypatch):
+    """The patch path left the default dispatch (no shipped config uses it); the deprecated path='patch'
+    still reaches it, with a DeprecationWarning naming its new home."""
     calls = []
-    real = _patch_block.submconv_patch
-    monkeypatch.setattr(_patch_block, "submconv_patch", lambda *a: calls.append(a[-1]) or real(*a))
+    real = patch_ops._patch_forward
+    monkeypatch.setattr(patch_ops, "_patch_forward", lambda *a: calls.append(a[-1]) or real(*a))
     x2, m2, w2, _ = make_case(2, 4, 4, 3, spatial=(16, 16), mask=8)
     x3, m3, w3, _ = make_case(3, 2, 2, 3, spatial=(32, 16, 16), mask=16, bias=False)
-    for x, m, w, patch, path, expected in [(x3, m3, w3, 16, "auto", [16]), (x3, m3, w3, None, "auto", []),
+    for x, m, w, patch, path, expected in [(x3, m3, w3, 16, "auto", []), (x3, m3, w3, None, "auto", []),
                                            (x3, m3, w3, 16, "generic", []), (x2, m2, w2, 8, "auto", []),
                                            (x2, m2, w2, 8, "patch", [8])]:
         calls.clear()
-        y = tcm_kernels.submanifold_conv(x, m, w, patch_size=patch, path=path, backend=backend)
+        if patch is None:
+            y = tcm_kernels.submanifold_conv(x, m, w, path=path, backend=backend)
+        else:
+            with pytest.warns(DeprecationWarning, match="tcm_kernels.experimental.submanifold_conv_patch"):
+                y = tcm_kernels.submanifold_conv(x, m, w, patch_size=patch, path=path, backend=backend)
         assert calls == expected, (x.dim(), patch, path)
         assert_close_verbose(y, ref.submanifold_conv(x, m, w), atol=2e-4, rtol=2e-4, name=path)
 
@@ -254,25 +255,24 @@ def test_tile_weight_grad_vs_reference(nd, k, groups, dilation, patch, spatial):
     y = ref.submanifold_conv(x, m, wr, groups=groups, dilation=dilation)
     grad = torch.randn_like(y)
     y.backward(grad)
-    got = submconv_patch_weight_grad(grad, x, m, w, [dilation] * nd, groups, patch)
+    got = patch_ops._patch_weight_grad(grad, x, m, w, [dilation] * nd, groups, patch)
     assert_close_verbose(got, wr.grad, atol=5e-4, rtol=5e-4, name="grad_w")
-    two = submconv_patch_weight_grad(grad, x, m, w, [dilation] * nd, groups, patch)
+    two = patch_ops._patch_weight_grad(grad, x, m, w, [dilation] * nd, groups, patch)
     assert torch.equal(got, two), "the tile weight gradient differs between two runs"
 
 
 def test_opcheck_cpu_ops():
     x, m, w, b = make_case(2, 4, 6, 3, spatial=(8, 12), mask=4)
-    torch.library.opcheck(submconv_patch, (x.requires_grad_(), m, w.requires_grad_(), b.requires_grad_(), [1, 1], 1, 4))
+    torch.library.opcheck(torch.ops.tcm.submconv_patch.default,
+                          (x.requires_grad_(), m, w.requires_grad_(), b.requires_grad_(), [1, 1], 1, 4))
     g = torch.randn(2, 6, 8, 12)
-    torch.library.opcheck(submconv_patch_weight_grad, (g, x.detach(), m, w.detach(), [2, 1], 1, 4))
+    torch.library.opcheck(torch.ops.tcm.submconv_patch_weight_grad.default, (g, x.detach(), m, w.detach(), [2, 1], 1, 4))
 
 
 @pytest.mark.parametrize("backend", [TRITON])
 def test_triton_opcheck(backend, dev):
-    from tcm_kernels.triton.submconv_patch import submconv_patch_triton
-
     x, m, w, b = case(dev, 2, 4, 4, 3, spatial=(4, 6), mask=2)
-    torch.library.opcheck(submconv_patch_triton, (x.requires_grad_(), m, w.requires_grad_(), b, [1, 1], 1, 2),
+    torch.library.opcheck(torch.ops.tcm.submconv_patch_triton.default, (x.requires_grad_(), m, w.requires_grad_(), b, [1, 1], 1, 2),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -48,6 +48,9 @@ def _split(labelled: np.ndarray) -> tuple[list[int], list[int]]:
 
 
 def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad (or centre-crop) the last two axes to ``size``."""
+    starts = [max(s - size, 0) // 2 for s in x.shape[-2:]]
+    x = x[..., starts[0]:starts[0] + size, starts[1]:starts[1] + size]
     pads = [((size - s) // 2, size - s - (size - s) // 2) for s in x.shape[-2:]]
     return np.pad(x, [(0, 0)] * (x.ndim - 2) + pads)
 
@@ -63,18 +66,25 @@ def _class_map(names: dict[int, str], groups: dict[str, tuple[str, ...]]) -> tup
     return lut, classes
 
 
-def chest_organ_task(size: int = 160) -> Task:
-    """Axial chest-CT slices (2.5 mm, padded to ``size``) with organ classes (background + ORGANS present)."""
+def chest_organ_volume(size: int = 160) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list[int], list[int]]:
+    """The chest CT as (image float32 [D, size, size] in [0, 1], organ classes int64 [D, size, size],
+    class names with background first, train slice indices, test slice indices (held-out axial block))."""
     scan = load_embedded("chest_ct")[0]
     lut, classes = _class_map(scan.label_names, {o: (o,) for o in ORGANS})
     volume = _pad_to(normalize_intensity(scan.image, "CT"), size)
     target = _pad_to(lut[scan.label_map.astype(np.int64)], size)
     train, test = _split(target.reshape(target.shape[0], -1).max(1) > 0)
+    return volume, target, ("background", *classes), train, test
+
+
+def chest_organ_task(size: int = 160) -> Task:
+    """Axial chest-CT slices (2.5 mm, padded to ``size``) with organ classes (background + ORGANS present)."""
+    volume, target, classes, train, test = chest_organ_volume(size)
 
     def take(ks):
         return torch.from_numpy(volume[ks])[:, None].float(), torch.from_numpy(target[ks]).long()
 
-    return Task("chest_ct organ segmentation", "segmentation", ("background", *classes), *take(train), *take(test))
+    return Task("chest_ct organ segmentation", "segmentation", classes, *take(train), *take(test))
 
 
 def brain_lobe_task(crop: int = 32, per_slice: int = 24, seed: int = 0) -> Task:

@@ -101,13 +101,22 @@ class LightDecoder(nn.Module):
         self.head = nn.Sequential(up(widths[-1], widths[-1], stem_stride, stride=stem_stride),
                                   nn.ReLU(inplace=True), conv(widths[-1], out_channels, 1))
 
-    def forward(self, dense_features: list[torch.Tensor]) -> torch.Tensor:
-        """dense_features: per stage, shallowest first, [B, C_i, *S / stride_i] -> [B, out_channels, *S]."""
+    @property
+    def feature_channels(self) -> int:
+        """Channels of :meth:`features` (the last fused level)."""
+        return self.fuse[-1][0].out_channels if len(self.fuse) else self.proj[0].out_channels
+
+    def features(self, dense_features: list[torch.Tensor]) -> torch.Tensor:
+        """dense_features: per stage, shallowest first, [B, C_i, *S / stride_i] -> the last fused level
+        [B, feature_channels, *S / stem_stride], before the head."""
         feats = dense_features[::-1]
         x = self.proj[0](feats[0])
         for i in range(len(self.up)):
             x = self.fuse[i](self.up[i](x) + self.proj[i + 1](feats[i + 1]))
-        return self.head(x)
+        return x
+
+    def forward(self, dense_features: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.features(dense_features))
 
 
 class SparKDecoder(nn.Module):
