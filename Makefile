@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 2
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv install test ctest pytest bench-smoke bench pretrain clean
+.PHONY: venv install test ctest pytest bench-smoke bench gpu-check pretrain clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test: ctest pytest bench-smoke
 
 bench: install
 	$(PY) -m benchmarks
+
+# On a GPU machine (README "GPU check"): CUDA build, the whole suite on the GPU, compute-sanitizer, training
+# smoke test, GPU benchmarks; results under benchmarks/results/gpu-<date>/. Uses the machine's own python3
+# with its CUDA torch and installs nothing (a lent GPU machine may have no network).
+gpu-check:
+	PYTHON=$(or $(GPU_PYTHON),python3) bash scripts/gpu_check.sh
 
 # Reference TCM pretraining on the embedded chest CT (a few minutes on 2 cores), then the
 # linear-probe / fine-tune evaluation of the checkpoint.

@@ -1,6 +1,7 @@
-"""Run the benchmark suites and write tables: `python -m benchmarks [-k EXPR] [bench_file ...]`.
+"""Run the benchmark suites and write tables: `python -m benchmarks [-k EXPR] [--quick] [--out DIR] [bench_file ...]`.
 
-For each run, under benchmarks/results/: <stamp>.json (pytest-benchmark's raw
+``--quick`` (make gpu-check): 3 rounds, at most 0.05 s per benchmark, no warm-up rounds beyond the
+one every benchmark makes before its memory probe. For each run, under benchmarks/results/ (or ``--out``): <stamp>.json (pytest-benchmark's raw
 data), <stamp>.md (one table per group: median, quartiles, speed-up over the
 group's baseline, GB/s or GFLOP/s, peak memory) and <stamp>.png (speed-ups).
 """
@@ -81,14 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="*", help="bench_*.py files (default: all)")
     parser.add_argument("-k", default=None, help="pytest -k expression")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, <= 0.05 s per benchmark")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    results = pathlib.Path(args.out) if args.out else RESULTS
     here = pathlib.Path(__file__).resolve().parent
     files = args.files or sorted(str(p) for p in here.glob("bench_*.py"))
-    RESULTS.mkdir(exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M") + (f"_{args.tag}" if args.tag else "")
-    raw = RESULTS / f"{stamp}.json"
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw}",
-           "--benchmark-min-rounds=5", "--benchmark-max-time=0.5"]
+    raw = results / f"{stamp}.json"
+    timing = ["--benchmark-min-rounds=3", "--benchmark-max-time=0.05"] if args.quick else \
+        ["--benchmark-min-rounds=5", "--benchmark-max-time=0.5"]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw}", *timing]
     if args.k:
         cmd += ["-k", args.k]
     code = subprocess.call(cmd)
@@ -104,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {run_info.get('torch', '?')}, triton {run_info.get('triton', '?')}, "
               f"python {info.get('python_version', '?')}.\n"
               f"Command: `python -m benchmarks {' '.join(argv or sys.argv[1:])}`\n\n")
-    (RESULTS / f"{stamp}.md").write_text(header + md)
-    plot(speedups, RESULTS / f"{stamp}.png")
+    (results / f"{stamp}.md").write_text(header + md)
+    plot(speedups, results / f"{stamp}.png")
     print(header + md)
     return code
 

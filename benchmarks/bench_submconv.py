@@ -39,6 +39,7 @@ import torch
 import tcm_kernels
 from benchmarks.common import run
 from tcm_kernels.reference import submconv as ref
+from tcm_kernels.sparse_tensor import weight_to_spconv
 
 HAS_SPCONV = importlib.util.find_spec("spconv") is not None
 
@@ -86,8 +87,6 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _spconv_forward(x, mask, w):
     import spconv.pytorch as spconv
 
-    from tcm_kernels.sparse_tensor import weight_to_spconv
-
     st = tcm_kernels.SparseTensor.from_dense(x, mask).to_spconv()
     conv = (spconv.SubMConv2d if x.dim() == 4 else spconv.SubMConv3d)(x.shape[1], w.shape[0], 3, bias=False)
     with torch.no_grad():
@@ -101,7 +100,8 @@ def _spconv_forward(x, mask, w):
 
 
 def _grad_out(x, w):
-    return torch.randn((x.shape[0], w.shape[0], *x.shape[2:]), generator=torch.Generator().manual_seed(1))
+    """Fixed upstream gradient [B, Cout, *S] on x's device, in x's dtype."""
+    return torch.randn((x.shape[0], w.shape[0], *x.shape[2:]), generator=torch.Generator().manual_seed(1)).to(x)
 
 
 def _compact_provider(x, mask, w, backward: bool):
@@ -126,17 +126,8 @@ def _compact_provider(x, mask, w, backward: bool):
     return call, lambda y: (dense(y.detach()), dense(fg.grad), wg.grad)
 
 
-def _provider(provider: str, x, mask, w, patch: int, backward: bool):
-    """(callable, function mapping its result to (y, grads...)) for one provider."""
-    if provider == "tcm_cpu_compact":
-        return _compact_provider(x, mask, w, backward)
-    if provider == "spconv":
-        call, to_dense = _spconv_forward(x, mask, w)
-        return call, lambda out: (to_dense(out),)
-    conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
-            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, backend="cpu"),
-            "tcm_cpu_patch": lambda xi, wi: tcm_kernels.experimental.submanifold_conv_patch(
-                xi, mask, wi, patch_size=patch, backend="cpu")}[provider]
+def _dense_call(conv, x, w, backward: bool):
+    """(call, unpack) of a masked-dense ``conv(x, w)``; with ``backward``, one fixed upstream gradient."""
     if not backward:
         return (lambda: conv(x, w)), (lambda y: (y,))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -149,6 +140,20 @@ def _provider(provider: str, x, mask, w, patch: int, backward: bool):
         return y
 
     return call, lambda y: (y.detach(), xg.grad, wg.grad)
+
+
+def _provider(provider: str, x, mask, w, patch: int, backward: bool):
+    """(callable, function mapping its result to (y, grads...)) for one provider."""
+    if provider == "tcm_cpu_compact":
+        return _compact_provider(x, mask, w, backward)
+    if provider == "spconv":
+        call, to_dense = _spconv_forward(x, mask, w)
+        return call, lambda out: (to_dense(out),)
+    conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
+            "tcm_cpu": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, backend="cpu"),
+            "tcm_cpu_patch": lambda xi, wi: tcm_kernels.experimental.submanifold_conv_patch(
+                xi, mask, wi, patch_size=patch, backend="cpu")}[provider]
+    return _dense_call(conv, x, w, backward)
 
 
 def _reference(x, mask, w, backward: bool):
@@ -248,3 +253,124 @@ def test_sparse_downsample_2d_forward(benchmark, layer, mask_name, provider):
     run(benchmark, call, group=f"sparse_downsample-{name}-{mask_name}-fwd",
         provider=provider if correct else f"{provider} (WRONG)", baseline=provider == "dense_strided", flops=flops,
         correct=correct, shape=list(x.shape), dtype="float32", visible=MASKS[mask_name], mode="fwd")
+
+
+# ---- GPU: the same layers and masks against the GPU peers a user would pick (make gpu-check) ----------------
+#
+# Providers: ``dense_emulation`` (baseline: SparK's conv(x * mask) * mask through cuDNN, TF32 off), ``tcm_triton``
+# (generic path), ``tcm_triton_patch`` (patch-block path), ``tcm_triton_compact`` (SparseTensor rows, cached kernel
+# map), ``tcm_cuda`` (the CUDA kernels: kernel map, gathers, cuBLAS), ``spconv`` (spconv 2.x CUDA wheel,
+# ``SubMConv{2,3}d``) and ``spconv_triton`` (spconv-Triton, the Triton drop-in with spconv's API), each skipped
+# with the reason when it is not installed. fp32 and bf16; forward and forward+backward; every output (and the
+# input gradient) is checked against the fp32 dense reference before timing (bf16 at 2 % of the output scale).
+
+SPCONV_MODULES = {"spconv": "spconv.pytorch", "spconv_triton": "spconv_triton.pytorch"}
+GPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package is missing
+        return False
+
+
+def _gpu_param(provider: str):
+    module = SPCONV_MODULES.get(provider)
+    marks = [pytest.mark.gpu]
+    if module is not None:
+        marks.append(pytest.mark.skipif(not _installed(module), reason=f"{module} not installed"))
+    return pytest.param(provider, marks=marks)
+
+
+GPU_PROVIDERS = [_gpu_param(p) for p in ("dense_emulation", "tcm_triton", "tcm_triton_patch", "tcm_triton_compact",
+                                         "tcm_cuda", "spconv", "spconv_triton")]
+
+
+def _gpu_spconv(module_name: str, x, mask, w, backward: bool):
+    """spconv-style module on its own SparseConvTensor (built outside the timed call); (call, unpack)."""
+    import importlib
+
+    sp = importlib.import_module(module_name)
+    st = tcm_kernels.SparseTensor.from_dense(x, mask)
+    feats = st.features.detach().clone().requires_grad_(backward)
+    tensor = sp.SparseConvTensor(feats, st.coords.to(torch.int32).contiguous(), list(st.spatial_shape),
+                                 st.batch_size)
+    conv = (sp.SubMConv2d if x.dim() == 4 else sp.SubMConv3d)(x.shape[1], w.shape[0], 3, bias=False)
+    conv = conv.to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight_to_spconv(w))
+    grad = _grad_out(x, w).movedim(1, -1)[mask[:, 0]]
+
+    def call():
+        if not backward:
+            with torch.no_grad():
+                return conv(tensor).features
+        feats.grad = None
+        out = conv(tensor).features
+        out.backward(grad)
+        return out
+
+    def unpack(out):
+        # spconv keeps the rows of its input: the same order as st's features
+        y = st.replace_features(out.detach()).dense()[0]
+        return (y,) if not backward else (y, st.replace_features(feats.grad).dense()[0])
+
+    return call, unpack
+
+
+def _gpu_provider(provider: str, x, mask, w, patch: int, backward: bool):
+    if provider in SPCONV_MODULES:
+        return _gpu_spconv(SPCONV_MODULES[provider], x, mask, w, backward)
+    if provider == "tcm_triton_compact":
+        st = tcm_kernels.SparseTensor.from_dense(x, mask)
+        km = st.kernel_map()
+        feats, wg = st.features.detach().clone().requires_grad_(backward), w.clone().requires_grad_(backward)
+        grad = _grad_out(x, w).movedim(1, -1)[mask[:, 0]]
+
+        def call():
+            if not backward:
+                return tcm_kernels.submanifold_conv_compact(feats, km, w, backend="triton")
+            feats.grad = wg.grad = None
+            y = tcm_kernels.submanifold_conv_compact(feats, km, wg, backend="triton")
+            y.backward(grad)
+            return y
+
+        def unpack(y):
+            dense = st.replace_features(y.detach()).dense()[0]
+            return (dense,) if not backward else (dense, st.replace_features(feats.grad).dense()[0], wg.grad)
+
+        return call, unpack
+    conv = {"dense_emulation": lambda xi, wi: ref.submanifold_conv(xi, mask, wi),
+            "tcm_triton": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, backend="triton"),
+            "tcm_triton_patch": lambda xi, wi: tcm_kernels.experimental.submanifold_conv_patch(
+                xi, mask, wi, patch_size=patch, backend="triton"),
+            "tcm_cuda": lambda xi, wi: tcm_kernels.submanifold_conv(xi, mask, wi, backend="cuda")}[provider]
+    return _dense_call(conv, x, w, backward)
+
+
+def _bench_gpu(benchmark, layer, mask_name, provider, dtype_name, backward):
+    x, mask, w, patch = setup(layer, MASKS[mask_name], benchmark.disabled)
+    x, mask, w = x.cuda(), mask.cuda(), w.cuda()
+    expected = [t.float() for t in _reference(x, mask, w, backward)]  # fp32 dense reference on the GPU
+    dtype = GPU_DTYPES[dtype_name]
+    xd, wd = x.to(dtype), w.to(dtype)
+    call, unpack = _gpu_provider(provider, xd, mask, wd, patch, backward)
+    got = unpack(call())
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    correct = all(bool(torch.allclose(a.float(), e, atol=tol * max(e.abs().max().item(), 1.0), rtol=tol))
+                  for a, e in zip(got, expected))
+    mode = "fwd_bwd" if backward else "fwd"
+    run(benchmark, call, group=f"submconv-gpu-{layer[0]}-{mask_name}-{dtype_name}-{mode}",
+        provider=provider if correct else f"{provider} (WRONG)", baseline=provider == "dense_emulation",
+        flops=useful_flops(mask, w) * (3 if backward else 1), device="cuda", correct=correct,
+        shape=list(x.shape), dtype=dtype_name, visible=MASKS[mask_name], patch=patch, mode=mode)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype_name", list(GPU_DTYPES))
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("layer", LAYERS_2D + LAYERS_3D, ids=[l[0] for l in LAYERS_2D + LAYERS_3D])
+def test_submconv_gpu(benchmark, layer, mask_name, provider, dtype_name, backward):
+    _bench_gpu(benchmark, layer, mask_name, provider, dtype_name, backward)

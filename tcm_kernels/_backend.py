@@ -1,7 +1,8 @@
 """Loading of the compiled extension and the back-end choice shared by every op.
 
 Dispatch rule: a CUDA tensor goes to the Triton kernel (or the CUDA kernel where
-the design asks for one), a CPU tensor to the compiled C++ kernel, and any op
+the design asks for one, and to the CUDA kernel when Triton is not installed), a CPU
+tensor to the compiled C++ kernel, and any op
 falls back to its plain-PyTorch reference when the compiled extension is missing.
 ``backend=`` forces one of ``"reference" | "cpu" | "triton" | "cuda"``.
 """
@@ -58,9 +59,12 @@ def choose_backend(op: str, device: torch.device, backend: str | None, *, has_cu
         raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend is None:
         if device.type == "cuda":
-            if prefer_cuda_kernel and has_cuda_kernel and compiled_available(op, "cuda"):
+            cuda_kernel = has_cuda_kernel and compiled_available(op, "cuda")
+            if prefer_cuda_kernel and cuda_kernel:
                 return "cuda"
-            return "triton" if triton_available() else "reference"
+            if triton_available():
+                return "triton"
+            return "cuda" if cuda_kernel else "reference"  # a compiled GPU kernel before the reference
         return "cpu" if compiled_available(op, "cpu") else "reference"
     if backend == "cpu":
         if device.type != "cpu":

@@ -90,7 +90,44 @@ def render_overlay(image: np.ndarray, saliency: torch.Tensor | np.ndarray, visib
     return _compose(rows, title)
 
 
-def _compose(rows: list[tuple[str, np.ndarray]], title: str) -> np.ndarray:
+def label_edges(labels: np.ndarray) -> np.ndarray:
+    """bool [H, W]: labelled pixels with a 4-neighbour of another label (every structure's contour)."""
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    differs = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre) | (padded[1:-1, :-2] != centre)
+               | (padded[1:-1, 2:] != centre))
+    return differs & (labels > 0)
+
+
+def render_atlas_qc(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], title: str, *,
+                    highlight: np.ndarray | None = None, min_height: int = 256) -> np.ndarray:
+    """uint8 RGB quality-control view of a registration: warped atlas contours on the scan.
+
+    Three orthogonal slices of a 3-D [S, P, L] ``image`` (float in [0, 1]) through the centre of
+    ``highlight`` (else of the warped ``labels``, int [S, P, L]); each slice is shown plain (left) and with every label's contour
+    (right: yellow, ``highlight`` bool [S, P, L] - e.g. the prompt's structures - in red), so a shifted or
+    folded atlas is visible at a glance.
+    """
+    if image.ndim != 3 or labels.shape != image.shape:
+        raise ValueError(f"render_atlas_qc: image and labels must be 3-D of one shape, got {image.shape} and "
+                         f"{labels.shape}")
+    rows = []
+    centre_on = highlight if highlight is not None and highlight.any() else labels > 0
+    for name, (axis, index) in volume_slices(image.shape, centre_on.astype(np.float32)).items():
+        sp = tuple(s for a, s in enumerate(spacing) if a != axis)
+        plane, lab = _take(image, axis, index), _take(labels, axis, index)
+        right = _rgb(plane)
+        right[label_edges(lab)] = CONTOUR_RGB
+        if highlight is not None:
+            right[_contour(_take(highlight, axis, index))] = SALIENCY_RGB
+        panel = np.concatenate([_rgb(plane), np.full((plane.shape[0], 4, 3), 255.0), right], axis=1).astype(np.uint8)
+        scale = max(1.0, min_height / (plane.shape[0] * sp[0] / min(sp)))
+        rows.append((f"{name} {index}", _resize(panel, sp, scale, order=0)))
+    return _compose(rows, title, legend="left: scan   right: atlas labels after registration (yellow), prompt (red)")
+
+
+def _compose(rows: list[tuple[str, np.ndarray]], title: str, *,
+             legend: str = "left: saliency (red)   right: masked patches (blue), ROI contour (yellow)") -> np.ndarray:
     pil = require("PIL.Image", package="pillow", purpose="writing overlay PNGs")
     draw_mod = require("PIL.ImageDraw", package="pillow", purpose="writing overlay PNGs")
     header = 18
@@ -105,8 +142,7 @@ def _compose(rows: list[tuple[str, np.ndarray]], title: str) -> np.ndarray:
         draw.text((4, 3 + header * i), line, fill=(0, 0, 0))
     y = header * len(lines)
     for label, row in rows:
-        draw.text((4, y + 3), f"{label}  left: saliency (red)   right: masked patches (blue), ROI contour (yellow)"
-                  .strip(), fill=(60, 60, 60))
+        draw.text((4, y + 3), f"{label}  {legend}".strip(), fill=(60, 60, 60))
         canvas.paste(pil.fromarray(row), (4, y + header))
         y += row.shape[0] + header
     return np.asarray(canvas)

@@ -150,7 +150,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float | torch.Ten
             both directions when symmetric).
         normalize: L2-normalise a and b along D first (``F.normalize``, differentiable).
         block_size: rows/columns per tile (default 512 on CPU; chosen from D on Triton, where it must
-            be a power of two >= 16).
+            be a power of two in [16, 128]).
         backend: force ``"reference" | "cpu" | "triton"``; default: Triton for CUDA tensors,
             the compiled kernel for CPU tensors.
 

@@ -46,6 +46,8 @@ from ..reference import sample_mask as _ref
 
 STRATEGIES = ("uniform", "weighted", "stratified", "hardest")
 _OP = "sample_mask"
+# Longest row the Triton kernel holds in one register tile; longer CUDA rows go to the CUDA kernel.
+TRITON_MAX_PATCHES = 16384
 
 
 class MaskSample(NamedTuple):
@@ -171,7 +173,8 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
         roi_threshold, roi_mask_ratio: ``stratified`` ROI cut and ROI masking ratio.
         hard_fraction: ``hardest``: share of M taken from the highest scores.
         backend: force ``"reference" | "cpu" | "triton" | "cuda"``; default picks
-            Triton on CUDA tensors and the compiled kernel on CPU tensors.
+            Triton on CUDA tensors (the CUDA kernel for N > 16384, longer than a Triton tile) and
+            the compiled kernel on CPU tensors.
 
     Returns:
         :class:`MaskSample` ``(visible bool [B, N], ids_keep int64 [B, N-M], ids_restore int64 [B, N])``
@@ -200,7 +203,8 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
     if strategy != "uniform":
         _check_scores(scores)
 
-    chosen = _backend.choose_backend(_OP, scores.device, backend, has_cuda_kernel=True)
+    chosen = _backend.choose_backend(_OP, scores.device, backend, has_cuda_kernel=True,
+                                     prefer_cuda_kernel=scores.shape[-1] > TRITON_MAX_PATCHES)
     s32 = scores.detach().to(torch.float32).contiguous()
     args = (num_masked, strategy, seed, offset, temperature, roi_threshold, roi_mask_ratio, hard_fraction)
     if chosen == "reference":

@@ -2,40 +2,55 @@
 
 Logits S = inv_t * x @ y.T for x [M, D], y [N, D] (row-major). Tiles and grid:
 
-* ``_row_lse_kernel``: one program per BLOCK_M rows of x; the whole (padded) D of
-  those rows stays in registers while the program walks y in BLOCK_N-row tiles,
-  computing S tiles with ``tl.dot`` (fp32 accumulation) and folding them into an
-  online log-sum-exp (running max m, running sum l). Column log-sum-exps are the
-  same kernel with x and y swapped, so nothing ever needs atomics.
-* ``_grad_kernel``: one program per BLOCK_M rows of x; recomputes the S tiles and
-  builds dL/dS = g_x[i] exp(S_ij - lse_x[i]) + g_y[j] exp(S_ij - lse_y[j]) (each
-  term switched on by a constexpr), accumulating grad_x = inv_t * dL/dS @ y and the
-  per-row partials of <dL/dS, S> (for d loss / d inv_t). grad_y is the same kernel
-  with the roles swapped.
+* ``_row_lse_kernel``, grid (cdiv(M, BLOCK_M),): one program per BLOCK_M rows of x walks y in
+  BLOCK_N-row tiles; each S tile is a sum over D in BLOCK_K chunks of ``tl.dot`` (fp32
+  accumulation), folded into an online log-sum-exp (running max m, running sum l). Column
+  log-sum-exps are the same kernel with x and y swapped, so nothing ever needs atomics.
+* ``_grad_kernel``, grid (cdiv(M, BLOCK_M), cdiv(D, BLOCK_O)): one program per BLOCK_M rows of x
+  and BLOCK_O columns of the gradient; it recomputes the S tiles (over the whole D, in BLOCK_K
+  chunks) and builds dL/dS = g_x[i] exp(S_ij - lse_x[i]) + g_y[j] exp(S_ij - lse_y[j]) (each term
+  switched on by a constexpr), accumulating grad_x[:, cols] = inv_t * dL/dS @ y[:, cols] and the
+  per-row partials of <dL/dS, S> (for d loss / d inv_t; written by the programs of column block 0).
+  grad_y is the same kernel with the roles swapped. For D > BLOCK_O the S tiles are recomputed
+  once per column block (cdiv(D, BLOCK_O) times): the price of keeping the accumulator in
+  registers and of needing no O(M N) buffer.
 
-Memory: O((M + N) D) for inputs and gradients; each program holds BLOCK_M x BLOCK_D
-plus BLOCK_M x BLOCK_N values. fp32 inputs use IEEE fp32 dots (no TF32) so the
-result matches the CPU kernels; fp16/bf16 dots run on tensor cores with fp32
-accumulation, and dL/dS is rounded to the input dtype for the second dot, as
-flash-attention does with its probabilities.
+Shared memory and registers do not grow with D: only BLOCK_K-wide chunks of x and y are staged
+(``num_stages`` of them, chosen by :func:`choose_config` from the dtype and the device's
+shared-memory limit), and the accumulator is BLOCK_M x BLOCK_O.
+
+Precision: fp32 inputs use IEEE fp32 dots (no TF32) so the result matches the CPU kernels;
+fp16/bf16 dots run on tensor cores with fp32 accumulation, and dL/dS is rounded to the input dtype
+for the second dot, as flash-attention does with its probabilities. The CPU interpreter runs the
+same path (``EMULATE_BF16``, see ``_precision``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreting
+from ._launch import launch, shared_memory_limit
+from ._precision import dot, emulate_bf16, to_dtype
 
 
 @triton.jit
-def _load_rows(PTR, idx, ok, stride, dims, dim_ok, UPCAST: tl.constexpr):
-    """Rows ``idx`` of a [rows, D] matrix as a [len(idx), BLOCK_D] tile, zero outside; fp32 if UPCAST."""
-    t = tl.load(PTR + idx[:, None] * stride + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
+def _s_tile(X, Y, rows, row_ok, cols, col_ok, D, stride_x, stride_y,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile x[rows] @ y[cols].T, summed over D in BLOCK_K chunks (zero outside)."""
+    x_base = X + rows.to(tl.int64)[:, None] * stride_x  # int64: M * D may exceed 2^31
+    y_base = Y + cols.to(tl.int64)[:, None] * stride_y
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        dims = k0 + tl.arange(0, BLOCK_K)
+        dim_ok = dims < D
+        x = tl.load(x_base + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        y = tl.load(y_base + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = dot(x, tl.trans(y), s, EMULATE_BF16)
+    return s
 
 
 @triton.jit
@@ -45,21 +60,18 @@ def _row_lse_kernel(
     LSE,  # out: fp32 [M], lse_j S_ij
     M, N, D,  # sizes
     stride_x, stride_y,  # row strides of x and y
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
-    dim_ok = dims < D
-    x = _load_rows(X, rows, row_ok, stride_x, dims, dim_ok, UPCAST)
     inv_t = tl.load(INV_T).to(tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        y = _load_rows(Y, cols, col_ok, stride_y, dims, dim_ok, UPCAST)
-        s = tl.dot(x, tl.trans(y), input_precision="ieee") * inv_t
+        s = _s_tile(X, Y, rows, row_ok, cols, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_K,
+                    EMULATE_BF16) * inv_t
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
@@ -77,24 +89,24 @@ def _grad_kernel(
     DOT,  # out: fp32 [M], sum_j dL/dS_ij * S_ij (written if WRITE_DOT)
     M, N, D, stride_x, stride_y, stride_g,
     X_TERM: tl.constexpr, Y_TERM: tl.constexpr, WRITE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
-    dim_ok = dims < D
-    x = _load_rows(X, rows, row_ok, stride_x, dims, dim_ok, UPCAST)
+    out_dims = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    out_ok = out_dims < D
     inv_t = tl.load(INV_T).to(tl.float32)
     if X_TERM:
         lse_x = tl.load(LSE_X + rows, mask=row_ok, other=0.0)
         g_x = tl.load(G_X + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dot = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_O], tl.float32)
+    ds_s = tl.zeros([BLOCK_M], tl.float32)  # sum_j dL/dS_ij * S_ij
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        y = _load_rows(Y, cols, col_ok, stride_y, dims, dim_ok, UPCAST)
-        s = tl.dot(x, tl.trans(y), input_precision="ieee") * inv_t
+        s = _s_tile(X, Y, rows, row_ok, cols, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_K,
+                    EMULATE_BF16) * inv_t
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if X_TERM:
             g += g_x[:, None] * tl.exp(s - lse_x[:, None])
@@ -104,36 +116,81 @@ def _grad_kernel(
             g += g_y[None, :] * tl.exp(s - lse_y[None, :])
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
         if WRITE_DOT:
-            dot += tl.sum(g * s, 1)
-        acc += tl.dot(g.to(y.dtype), y, input_precision="ieee")
+            ds_s += tl.sum(g * s, 1)
+        y_out = tl.load(Y + cols.to(tl.int64)[:, None] * stride_y + out_dims[None, :],
+                        mask=col_ok[:, None] & out_ok[None, :], other=0.0)
+        acc = dot(to_dtype(g, Y.dtype.element_ty, EMULATE_BF16), y_out, acc, EMULATE_BF16)
     grad = acc * inv_t
-    tl.store(GRAD_X + rows[:, None] * stride_g + dims[None, :], grad.to(GRAD_X.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(GRAD_X + rows.to(tl.int64)[:, None] * stride_g + out_dims[None, :],
+             to_dtype(grad, GRAD_X.dtype.element_ty, EMULATE_BF16), mask=row_ok[:, None] & out_ok[None, :])
     if WRITE_DOT:
-        tl.store(DOT + rows, dot, mask=row_ok)
+        if tl.program_id(1) == 0:
+            tl.store(DOT + rows, ds_s, mask=row_ok)
 
 
-def block_sizes(d: int, block: int) -> tuple[int, int]:
-    """(BLOCK_MN, BLOCK_D): rows/cols per tile (``block``, or chosen so the register tiles stay small)."""
-    block_d = max(16, triton.next_power_of_2(d))
-    if block == 0:
-        block = 64 if block_d <= 128 else 32 if block_d <= 512 else 16
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"info_nce: block_size must be a power of two >= 16 on the Triton back end, got {block}")
-    return block, block_d
+class Config(NamedTuple):
+    """Tiles and launch options of one info_nce kernel launch."""
+
+    block_m: int  # rows of x per program
+    block_n: int  # rows of y per S tile
+    block_k: int  # chunk of D per dot
+    block_o: int  # gradient columns per program (backward)
+    num_warps: int
+    num_stages: int
 
 
-def _upcast(x: torch.Tensor) -> bool:
-    # The interpreter's bf16 arithmetic is unreliable: do the math in fp32 there.
-    return triton_interpreting() and x.dtype == torch.bfloat16
+MAX_BLOCK = 128  # largest block_size: a 128 x 128 fp32 S tile already takes 128 registers per thread at 4 warps
+_CHUNK_BYTES = 64
+_BLOCK_O = 128
+
+
+def shared_memory_estimate(cfg: Config, itemsize: int, backward: bool) -> int:
+    """Upper bound (bytes) of the kernel's shared memory: ``num_stages - 1`` staged x/y chunks (and, backward,
+    the y columns of the gradient dot) plus one fp32 tile of scratch for layout conversions. The compile
+    sweep in tests/ops/test_info_nce.py checks it against Triton's ``metadata.shared``."""
+    staged = (cfg.block_m + cfg.block_n) * cfg.block_k
+    scratch = cfg.block_m * cfg.block_n * 4
+    if backward:
+        staged += cfg.block_n * cfg.block_o
+        scratch = max(scratch, cfg.block_m * cfg.block_o * 4)
+    # Triton's software pipeline keeps num_stages - 1 loads in flight
+    return max(cfg.num_stages - 1, 1) * staged * itemsize + scratch
+
+
+def choose_config(d: int, dtype: torch.dtype, shared_limit: int, backward: bool, block: int = 0) -> Config:
+    """Tiles and stages for feature size ``d``: the most pipeline stages (3, 2, 1) whose
+    :func:`shared_memory_estimate` fits ``shared_limit`` bytes (halving the backward's BLOCK_O if none does); ``block`` rows per tile (0: 64, 32 for the fp32
+    backward). The compile sweep in tests/ops/test_info_nce.py checks every default choice on sm_80/sm_90."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if block == 0:  # the fp32 backward's two FMA dots spill at 64 rows on sm_80 (compile sweep)
+        block = 32 if backward and itemsize == 4 else 64
+    if block < 16 or block > MAX_BLOCK or block & (block - 1):
+        raise ValueError(f"info_nce: block_size must be a power of two in [16, {MAX_BLOCK}] on the Triton back "
+                         f"end, got {block}")
+    width = max(16, triton.next_power_of_2(d))
+    # 64-byte rows per chunk: fp32 dots run on FMA units with both operands in registers, and wider
+    # chunks made them spill (compile sweep of tests/ops/test_info_nce.py)
+    block_k, block_o = min(_CHUNK_BYTES // itemsize, width), min(_BLOCK_O, width)
+    while True:  # narrower gradient column blocks only where the device's shared memory asks for them
+        warps = 8 if block * max(block, block_k, block_o if backward else 0) >= 64 * 64 else 4
+        for stages in (3, 2, 1):
+            cfg = Config(block, block, block_k, block_o, warps, stages)
+            if shared_memory_estimate(cfg, itemsize, backward) <= shared_limit:
+                return cfg
+        if not backward or block_o <= 16:
+            break
+        block_o //= 2
+    raise ValueError(f"info_nce: block_size {block} needs {shared_memory_estimate(cfg, itemsize, backward)} B of "
+                     f"shared memory, this device has {shared_limit} B; use a smaller block_size")
 
 
 def _row_lse(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, block: int) -> torch.Tensor:
     m, d = x.shape
-    bmn, bd = block_sizes(d, block)
+    cfg = choose_config(d, x.dtype, shared_memory_limit(x.device), False, block)
     out = torch.empty(m, dtype=torch.float32, device=x.device)
-    _row_lse_kernel[(triton.cdiv(m, bmn),)](x, y, inv_t, out, m, y.shape[0], d, x.stride(0), y.stride(0),
-                                            BLOCK_M=bmn, BLOCK_N=bmn, BLOCK_D=bd, UPCAST=_upcast(x))
+    launch("info_nce", _row_lse_kernel, (triton.cdiv(m, cfg.block_m),), x.device,
+           x, y, inv_t, out, m, y.shape[0], d, x.stride(0), y.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           BLOCK_K=cfg.block_k, EMULATE_BF16=emulate_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -158,15 +215,16 @@ def info_nce_lse_triton(x: torch.Tensor, y: torch.Tensor, inv_t: torch.Tensor, w
 
 def _grad_rows(x, y, inv_t, lse_x, g_x, lse_y, g_y, x_term, y_term, dot, block):
     m, d = x.shape
-    bmn, bd = block_sizes(d, block)
+    cfg = choose_config(d, x.dtype, shared_memory_limit(x.device), True, block)
     grad = torch.empty_like(x)
     # Terms that are switched off are never read; any fp32 tensor fills their slots.
     lse_x, g_x = (lse_x, g_x) if x_term else (inv_t, inv_t)
     lse_y, g_y = (lse_y, g_y) if y_term else (inv_t, inv_t)
-    _grad_kernel[(triton.cdiv(m, bmn),)](
-        x, y, inv_t, lse_x, g_x, lse_y, g_y, grad, inv_t if dot is None else dot, m, y.shape[0], d,
-        x.stride(0), y.stride(0), grad.stride(0), X_TERM=x_term, Y_TERM=y_term, WRITE_DOT=dot is not None,
-        BLOCK_M=bmn, BLOCK_N=bmn, BLOCK_D=bd, UPCAST=_upcast(x))
+    launch("info_nce", _grad_kernel, (triton.cdiv(m, cfg.block_m), triton.cdiv(d, cfg.block_o)), x.device,
+           x, y, inv_t, lse_x, g_x, lse_y, g_y, grad, inv_t if dot is None else dot, m, y.shape[0], d,
+           x.stride(0), y.stride(0), grad.stride(0), X_TERM=x_term, Y_TERM=y_term, WRITE_DOT=dot is not None,
+           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o,
+           EMULATE_BF16=emulate_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
@@ -72,9 +74,7 @@ def philox4x32_10_triton(counters: torch.Tensor, seed: int) -> torch.Tensor:
                          f"{tuple(counters.shape)}")
     counters = counters.contiguous()
     words = torch.empty_like(counters)
-    if counters.shape[0]:
-        block = 128
-        grid = (triton.cdiv(counters.shape[0], block),)
-        _philox_rows_kernel[grid](counters, words, counters.shape[0], seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
-                                  BLOCK=block)
+    block = 128
+    launch("philox4x32_10", _philox_rows_kernel, (triton.cdiv(counters.shape[0], block),), counters.device,
+           counters, words, counters.shape[0], seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, BLOCK=block)
     return words

@@ -16,16 +16,17 @@ import triton
 import triton.language as tl
 
 from .._core.dtypes import accumulation_dtype
+from ._launch import launch
 
 _BLOCK = 512
 
 
 @triton.jit
 def _patch_offsets(e, origin, D, H, W, pd, ph, pw):
-    r = e // pw
+    r = e // pw  # int32 divisions (e < C * pd * ph * pw); int64 products: a sample may exceed 2^31 elements
     y = r % ph
     z = (r // ph) % pd
-    c = r // (ph * pd)
+    c = (r // (ph * pd)).to(tl.int64)
     return origin + ((c * D + z) * H + y) * W + e % pw
 
 
@@ -123,9 +124,8 @@ def recon_loss_forward(pred: torch.Tensor, target: torch.Tensor, patch_size: lis
                        eps: float) -> torch.Tensor:
     geo, n_patches, n_elems, image, block = _launch_args(pred, patch_size)
     out = torch.empty(pred.shape[0], n_patches, dtype=accumulation_dtype(pred.dtype), device=pred.device)
-    if out.numel():
-        _forward_kernel[(out.numel(),)](pred.contiguous(), target.contiguous(), out, eps, n_patches, image, *geo,
-                                        n_elems, NORM_PIX=norm_pix, BLOCK=block)
+    launch("masked_recon_loss", _forward_kernel, (out.numel(),), pred.device, pred.contiguous(),
+           target.contiguous(), out, eps, n_patches, image, *geo, n_elems, NORM_PIX=norm_pix, BLOCK=block)
     return out
 
 
@@ -134,7 +134,7 @@ def recon_loss_backward(grad_per_patch: torch.Tensor, pred: torch.Tensor, target
     geo, n_patches, n_elems, image, block = _launch_args(pred, patch_size)
     pred = pred.contiguous()
     grad = torch.empty_like(pred)
-    if grad_per_patch.numel():
-        _backward_kernel[(grad_per_patch.numel(),)](grad_per_patch.contiguous(), pred, target.contiguous(), grad, eps,
-                                                    n_patches, image, *geo, n_elems, NORM_PIX=norm_pix, BLOCK=block)
+    launch("masked_recon_loss", _backward_kernel, (grad_per_patch.numel(),), pred.device,
+           grad_per_patch.contiguous(), pred, target.contiguous(), grad, eps, n_patches, image, *geo, n_elems,
+           NORM_PIX=norm_pix, BLOCK=block)
     return grad

@@ -5,7 +5,8 @@ Grid and tiles
 One program per row of ``scores`` [B, N]; the whole row lives in one register tile of
 ``BLOCK = next_pow2(N)`` lanes (at least 16), so N is limited to ``MAX_PATCHES`` = 16384
 (a 128^2 patch grid, or 32 x 32 x 16 in 3D; MIM grids are 196 to 4096). Larger rows raise
-a ``ValueError`` that names the limit; use the CUDA back end for them.
+a ``ValueError`` that names the limit; by default :func:`tcm_kernels.sample_mask` sends them to the
+CUDA kernel, which has no such limit.
 
 Per row:
 
@@ -44,7 +45,6 @@ choice for long rows.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 
 import numpy as np
@@ -53,9 +53,11 @@ import triton
 import triton.language as tl
 
 from .._core.sampling import hardest_budget
+from ._launch import launch
 from .philox import philox4x32_10
 
 MAX_PATCHES = 16384
+
 STRATEGY_IDS = {"uniform": 0, "weighted": 1, "stratified": 2, "hardest": 3}
 
 UNIFORM = tl.constexpr(0)
@@ -257,14 +259,12 @@ def sample_mask_triton(scores: torch.Tensor, num_masked: int, strategy: str, see
     if b == 0 or n == 0:
         return visible, ids_keep, ids_restore
     block = max(triton.next_power_of_2(n), 16)
-    with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
-        _sample_mask_kernel[(b,)](
-            scores, visible.view(torch.uint8), ids_keep, ids_restore,
-            n, num_masked,
-            seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32,
-            _f32_bits(1.0 / temperature), _f32_bits(roi_threshold), _f64_bits(roi_mask_ratio),
-            hardest_budget(num_masked, hard_fraction),
-            STRATEGY=STRATEGY_IDS[strategy], BLOCK=block,
-            num_warps=_num_warps(block), enable_fp_fusion=False,
-        )
+    launch(op, _sample_mask_kernel, (b,), scores.device,
+           scores, visible.view(torch.uint8), ids_keep, ids_restore,
+           n, num_masked,
+           seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32,
+           _f32_bits(1.0 / temperature), _f32_bits(roi_threshold), _f64_bits(roi_mask_ratio),
+           hardest_budget(num_masked, hard_fraction),
+           STRATEGY=STRATEGY_IDS[strategy], BLOCK=block,
+           num_warps=_num_warps(block), enable_fp_fusion=False)
     return visible, ids_keep, ids_restore

@@ -7,7 +7,9 @@ accumulation dtype (float32, float64 for float64 x). bf16/fp16 math is upcast.
   BLOCK tiles in a fixed order; a tile is reduced exactly (sum, then squared
   deviations from the tile mean) and merged into the running (count, mean, M2)
   with Chan's formula. No atomics: deterministic.
-* elementwise passes (scale_shift, norm_backward): grid (plane, L tile).
+* elementwise passes (scale_shift, norm_backward): a 1-D grid over (plane, L tile) pairs,
+  :func:`elementwise_grid` (a 2-D grid would cap L at 65,535 tiles: 67,107,840 sites).
+Every launch goes through ``_launch.launch`` (device guard, grid limits).
 ``tcm_kernels.ops`` registers each launcher as a ``tcm::<name>_triton`` custom op, so torch.compile
 treats it as one op.
 """
@@ -19,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._core.dtypes import accumulation_dtype
+from ._launch import launch
 
 _BLOCK = 1024
 
@@ -53,9 +56,16 @@ def _moments_kernel(X, MASK, COUNT, MEAN, M2, C, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _plane_tile(L, BLOCK: tl.constexpr):
+    """(plane, offsets in it) of this program of :func:`elementwise_grid`, int64."""
+    pid = tl.program_id(0).to(tl.int64)
+    tiles = tl.cdiv(L, BLOCK)
+    return pid // tiles, (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _scale_shift_kernel(X, MASK, CENTER, SCALE, SHIFT, Y, C, L, BLOCK: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    plane, offs = _plane_tile(L, BLOCK)
     inb = offs < L
     acc_ty = SCALE.dtype.element_ty
     on = tl.load(MASK + (plane // C) * L + offs, mask=inb, other=0) != 0
@@ -86,8 +96,7 @@ def _grad_moments_kernel(DY, X, MASK, CENTER, SUM_DY, SUM_DY_XC, C, L, BLOCK: tl
 
 @triton.jit
 def _norm_backward_kernel(DY, X, MASK, DY_SCALE, X_SCALE, CENTER, SHIFT, DX, C, L, BLOCK: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    plane, offs = _plane_tile(L, BLOCK)
     inb = offs < L
     acc_ty = CENTER.dtype.element_ty
     on = tl.load(MASK + (plane // C) * L + offs, mask=inb, other=0) != 0
@@ -102,14 +111,19 @@ def _block(length: int) -> int:
     return min(_BLOCK, max(16, triton.next_power_of_2(max(length, 1))))
 
 
+def elementwise_grid(planes: int, length: int, block: int) -> tuple[int]:
+    """Grid of the elementwise kernels: one program per (plane, tile of ``block`` sites), flattened."""
+    return (planes * triton.cdiv(length, block),)
+
+
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, c, length = x.shape
     x, mask = x.contiguous(), mask.contiguous()
     count = torch.zeros(b, dtype=accumulation_dtype(x.dtype), device=x.device)
     mean = torch.empty(b, c, dtype=accumulation_dtype(x.dtype), device=x.device)
     m2 = torch.empty_like(mean)
-    if b * c:
-        _moments_kernel[(b * c,)](x, mask, count, mean, m2, c, length, BLOCK=_block(length))
+    launch("sparse_norm", _moments_kernel, (b * c,), x.device, x, mask, count, mean, m2, c, length,
+           BLOCK=_block(length))
     if c == 0:
         count = mask.sum(1).to(accumulation_dtype(x.dtype))
     return count, mean, m2
@@ -120,10 +134,9 @@ def masked_scale_shift(x: torch.Tensor, mask: torch.Tensor, center: torch.Tensor
     b, c, length = x.shape
     x, mask = x.contiguous(), mask.contiguous()
     y = torch.empty_like(x)
-    if y.numel():
-        blk = _block(length)
-        _scale_shift_kernel[(b * c, triton.cdiv(length, blk))](x, mask, center.contiguous(), scale.contiguous(),
-                                                                shift.contiguous(), y, c, length, BLOCK=blk)
+    blk = _block(length)
+    launch("sparse_norm", _scale_shift_kernel, elementwise_grid(b * c, length, blk), x.device, x, mask,
+           center.contiguous(), scale.contiguous(), shift.contiguous(), y, c, length, BLOCK=blk)
     return y
 
 
@@ -132,9 +145,8 @@ def masked_grad_moments(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     b, c, length = x.shape
     sum_dy = torch.zeros(b, c, dtype=accumulation_dtype(x.dtype), device=x.device)
     sum_dy_xc = torch.zeros_like(sum_dy)
-    if b * c:
-        _grad_moments_kernel[(b * c,)](dy.contiguous(), x.contiguous(), mask.contiguous(), center.contiguous(),
-                                       sum_dy, sum_dy_xc, c, length, BLOCK=_block(length))
+    launch("sparse_norm", _grad_moments_kernel, (b * c,), x.device, dy.contiguous(), x.contiguous(),
+           mask.contiguous(), center.contiguous(), sum_dy, sum_dy_xc, c, length, BLOCK=_block(length))
     return sum_dy, sum_dy_xc
 
 
@@ -143,9 +155,8 @@ def masked_norm_backward(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, 
     b, c, length = x.shape
     x = x.contiguous()
     dx = torch.empty_like(x)
-    if dx.numel():
-        blk = _block(length)
-        _norm_backward_kernel[(b * c, triton.cdiv(length, blk))](
-            dy.contiguous(), x, mask.contiguous(), dy_scale.contiguous(), x_scale.contiguous(), center.contiguous(),
-            shift.contiguous(), dx, c, length, BLOCK=blk)
+    blk = _block(length)
+    launch("sparse_norm", _norm_backward_kernel, elementwise_grid(b * c, length, blk), x.device,
+           dy.contiguous(), x, mask.contiguous(), dy_scale.contiguous(), x_scale.contiguous(), center.contiguous(),
+           shift.contiguous(), dx, c, length, BLOCK=blk)
     return dx

@@ -3,7 +3,8 @@
 Tiles and grid
 --------------
 Compact features X [N, Cin] (rows in any order), kernel map ``grid`` int32 [B, *S] (row or -1)
-and ``sites`` int64 [N] (linear site of each row), weight in GEMM layout Wg [G, K, Cin/G, Cout/G] fp32.
+and ``sites`` int64 [N] (linear site of each row), weight in GEMM layout Wg [G, K, Cin/G, Cout/G]
+in the features' dtype.
 One program computes a BLOCK_M x BLOCK_N tile of Y [N, Cout] for one group::
 
     for tap k in 0..K-1:                       # K = k^d kernel taps
@@ -11,9 +12,12 @@ One program computes a BLOCK_M x BLOCK_N tile of Y [N, Cout] for one group::
         for c0 in 0..Cin/G step BLOCK_K:
             acc += X[nb, c0:c0+BLOCK_K] @ Wg[g, k, c0:c0+BLOCK_K, cols]   # masked rows load 0
 
-grid = (cdiv(N, BLOCK_M), cdiv(Cout/G, BLOCK_N), G). Each output element is owned by one
-program: no atomics, deterministic. Half inputs are upcast to fp32 and ``tl.dot`` runs with
-``input_precision="ieee"`` (fp32 accumulation, no TF32 rounding). The input gradient is the same
+grid = (cdiv(N, BLOCK_M), cdiv(Cout/G, BLOCK_N), G) (dimensions 1 and 2 checked against CUDA's 65,535 by
+``_launch.launch``: up to ~1M channels per group and 65,535 groups). Each output element is owned by one
+program: no atomics, deterministic. ``tl.dot`` runs in the features' dtype with fp32 accumulation:
+fp16/bf16 on tensor cores (the weight is rounded to that dtype, as autocast does), fp32 with
+``input_precision="ieee"`` (no TF32 rounding: results match the CPU kernels to fp32 round-off; see
+``_precision``). The input gradient is the same
 kernel run on grad_out with the flipped, in/out-transposed kernel; the weight gradient is
 K GEMMs ``X[nb_k]^T G`` through torch (deterministic).
 
@@ -28,11 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+from ._precision import dot, emulate_bf16
+
 
 @triton.jit
 def _submconv_rows_kernel(
     x_ptr,  # [N, CIN] compact input features (fp32/fp16/bf16), row-major
-    w_ptr,  # fp32 [G, K, CIN_G, COUT_G] weight, GEMM layout
+    w_ptr,  # [G, K, CIN_G, COUT_G] weight in x's dtype, GEMM layout
     bias_ptr,  # fp32 [COUT] (read only when HAS_BIAS)
     y_ptr,  # fp32 [N, COUT] output rows
     grid_ptr,  # int32 [B * D * H * W] kernel map: row of the active site or -1
@@ -40,6 +47,7 @@ def _submconv_rows_kernel(
     offsets_ptr,  # int32 [K, 3] tap displacements (dz, dy, dx), dilation included
     n_rows, depth, height, width, cin, cout, cin_g, cout_g, taps,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -67,10 +75,10 @@ def _submconv_rows_kernel(
             ks = c0 + tl.arange(0, BLOCK_K)
             k_ok = ks < cin_g
             a = tl.load(x_ptr + nb.to(tl.int64)[:, None] * cin + grp * cin_g + ks[None, :],
-                        mask=has[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                        mask=has[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + ((grp * taps + k) * cin_g + ks[:, None]) * cout_g + cols[None, :],
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += tl.dot(a, w, input_precision="ieee")
+            acc = dot(a, w, acc, EMULATE_BF16)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + grp * cout_g + cols, mask=col_ok, other=0.0)[None, :]
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * cout + grp * cout_g + cols[None, :], acc,
@@ -79,6 +87,15 @@ def _submconv_rows_kernel(
 
 def _block(n: int, low: int = 16, high: int = 64) -> int:
     return max(low, min(high, triton.next_power_of_2(max(n, 1))))
+
+
+def launch_tiles(cin_g: int, cout_g: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of both submconv kernels: 8 warps (4 spilled 144-280 B per
+    thread in the patch kernel, whose int64 site arithmetic holds many registers); fp32 dots run on FMA
+    units with both operands in registers, so 16-wide K chunks (32 spilled 240 B on sm_80). The largest
+    choices are compiled for sm_80/sm_90 in tests/ops/test_submconv*.py."""
+    high = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+    return 32, _block(cout_g), _block(cin_g, high=high), 8
 
 
 def kernel_map(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +119,13 @@ def _dhw(grid: torch.Tensor) -> tuple[int, int, int]:
     return (1,) * (4 - grid.dim()) + tuple(grid.shape[1:])
 
 
+def gemm_weight(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """weight [Cout, Cin/G, *k] -> GEMM layout [G, K, Cin/G, Cout/G] in the dot's dtype for inputs of ``dtype``."""
+    cout, cin_g = weight.shape[:2]
+    dt = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return weight.to(dt).reshape(groups, cout // groups, cin_g, -1).permute(0, 3, 2, 1).contiguous()
+
+
 def conv_rows(feats: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None, dilation: tuple[int, ...], groups: int) -> torch.Tensor:
     """Y fp32 [N, Cout] = submanifold conv of the compact rows feats [N, Cin] (launches the kernel)."""
@@ -112,17 +136,17 @@ def conv_rows(feats: torch.Tensor, grid: torch.Tensor, sites: torch.Tensor, weig
     for k in kernel:
         taps *= k
     depth, height, width = _dhw(grid)
-    wg = weight.float().reshape(groups, cout_g, cin_g, taps).permute(0, 3, 2, 1).contiguous()
+    wg = gemm_weight(weight, groups, feats.dtype)
     y = torch.empty((n, cout), device=feats.device, dtype=torch.float32)
     if n == 0:
         return y
     offsets = tap_offsets(tuple(kernel), dilation, feats.device)
-    block_m, block_n, block_k = 32, _block(cout_g), _block(cin_g, high=32)
-    launch = (triton.cdiv(n, block_m), triton.cdiv(cout_g, block_n), groups)
+    block_m, block_n, block_k, warps = launch_tiles(cin_g, cout_g, feats.dtype)
     b32 = bias.float().contiguous() if bias is not None else y  # dummy pointer when there is no bias
-    _submconv_rows_kernel[launch](feats.contiguous(), wg, b32, y, grid.contiguous(), sites.contiguous(), offsets, n,
-                                  depth, height, width, cin, cout, cin_g, cout_g, taps, HAS_BIAS=bias is not None,
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    launch("submanifold_conv", _submconv_rows_kernel, (triton.cdiv(n, block_m), triton.cdiv(cout_g, block_n), groups),
+           feats.device, feats.contiguous(), wg, b32, y, grid.contiguous(), sites.contiguous(), offsets, n, depth,
+           height, width, cin, cout, cin_g, cout_g, taps, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+           BLOCK_N=block_n, BLOCK_K=block_k, EMULATE_BF16=emulate_bf16(feats.dtype), num_warps=warps)
     return y
 
 

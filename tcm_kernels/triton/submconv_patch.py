@@ -16,9 +16,9 @@ program computes a BLOCK_M x BLOCK_N tile of the output for one group::
     y[b, cols, site] = acc (+ bias)
 
 grid = (cdiv(T * p^d, BLOCK_M), cdiv(Cout/G, BLOCK_N), G). Each output element is owned by one
-program: no atomics, deterministic. x may have any strides; the mask is read as bytes. Half inputs
-are upcast to fp32 and ``tl.dot`` runs with ``input_precision="ieee"``. Inactive patches of y stay
-at the zeros it is allocated with.
+program: no atomics, deterministic. x may have any strides; the mask is read as bytes. ``tl.dot``
+runs in x's dtype with fp32 accumulation, as in ``submconv`` (tensor cores for fp16/bf16, IEEE fp32
+for fp32). Rows and sites are int64. Inactive patches of y stay at the zeros it is allocated with.
 
 Backward: the input gradient is the same kernel on grad_out with the flipped, in/out-transposed
 kernel; the weight gradient is one GEMM per tap and group over the tiles (``tiles_x[tap]^T G``,
@@ -33,22 +33,25 @@ import triton.language as tl
 
 from .._core.geometry import halo
 from .._core.patch_tiles import active_patches, centre_tiles, gather_tiles, padded_channels_last
-from .submconv import _block, tap_offsets
+from ._launch import launch
+from ._precision import dot, emulate_bf16
+from .submconv import gemm_weight, launch_tiles, tap_offsets
 
 
 @triton.jit
 def _submconv_patch_kernel(
     x_ptr,  # [B, CIN, D, H, W] masked-dense input (fp32/fp16/bf16), strides sxb..sxx
     mask_ptr,  # int8 [B, D, H, W] contiguous: 1 = active site
-    w_ptr,  # fp32 [G, K, CIN_G, COUT_G] weight, GEMM layout
+    w_ptr,  # [G, K, CIN_G, COUT_G] weight in x's dtype, GEMM layout
     bias_ptr,  # fp32 [COUT] (read only when HAS_BIAS)
     y_ptr,  # fp32 [B, COUT, D, H, W] contiguous output, zeros outside the active patches
     tiles_ptr,  # int32 [T, 4] (b, gz, gy, gx) of every active patch
     offsets_ptr,  # int32 [K, 3] tap displacements (dz, dy, dx), dilation included
     n_rows, depth, height, width, sxb, sxc, sxz, sxy, sxx, cin, cout, cin_g, cout_g, taps, pz, py, px,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # int64 rows and sites: a volume may exceed 2^31 sites
     pid_n = tl.program_id(1)
     grp = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,14 +79,14 @@ def _submconv_patch_kernel(
             ks = c0 + tl.arange(0, BLOCK_K)
             k_ok = ks < cin_g
             a = tl.load(x_ptr + base[:, None] + (grp * cin_g + ks).to(tl.int64)[None, :] * sxc,
-                        mask=on[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                        mask=on[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + ((grp * taps + k) * cin_g + ks[:, None]) * cout_g + cols[None, :],
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += tl.dot(a, w, input_precision="ieee")
+            acc = dot(a, w, acc, EMULATE_BF16)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + grp * cout_g + cols, mask=col_ok, other=0.0)[None, :]
-    plane = depth * height * width
-    out_site = ((zs * height + ys) * width + xs).to(tl.int64)
+    plane = tl.cast(depth, tl.int64) * height * width
+    out_site = (zs * height + ys) * width + xs
     ch = (bs64 * cout)[:, None] + (grp * cout_g + cols)[None, :]
     tl.store(y_ptr + ch * plane + out_site[:, None], acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -110,15 +113,16 @@ def conv_patches(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias
     x5, m5 = _as_5d(x), _as_5d(mask)[:, 0].contiguous().view(torch.int8)
     depth, height, width = x5.shape[2:]
     pz, py, px = (1,) * (3 - nd) + (patch,) * nd
-    wg = weight.float().reshape(groups, cout_g, cin_g, taps).permute(0, 3, 2, 1).contiguous()
+    wg = gemm_weight(weight, groups, x.dtype)
     offsets = tap_offsets(tuple(kernel), tuple(dilation), x.device)
     n_rows = n_tiles * pz * py * px
-    block_m, block_n, block_k = 32, _block(cout_g), _block(cin_g, high=32)
-    launch = (triton.cdiv(n_rows, block_m), triton.cdiv(cout_g, block_n), groups)
+    block_m, block_n, block_k, warps = launch_tiles(cin_g, cout_g, x.dtype)
     b32 = bias.float().contiguous() if bias is not None else y  # dummy pointer when there is no bias
-    _submconv_patch_kernel[launch](x5, m5, wg, b32, y, tiles, offsets, n_rows, depth, height, width, *x5.stride(),
-                                   x.shape[1], cout, cin_g, cout_g, taps, pz, py, px, HAS_BIAS=bias is not None,
-                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    launch("submanifold_conv", _submconv_patch_kernel,
+           (triton.cdiv(n_rows, block_m), triton.cdiv(cout_g, block_n), groups), x.device,
+           x5, m5, wg, b32, y, tiles, offsets, n_rows, depth, height, width, *x5.stride(), x.shape[1], cout, cin_g,
+           cout_g, taps, pz, py, px, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+           EMULATE_BF16=emulate_bf16(x.dtype), num_warps=warps)
     return y
 
 

@@ -2,51 +2,51 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from tests.utils import run_without_interpreter
+from tests.triton_compile import SHARED_LIMIT, arch, compile_kernels
 
-# Run in a fresh interpreter: under TRITON_INTERPRET=1 (set by conftest) triton.jit builds no compilable kernels.
-_PTX_CHECK = r"""
-import json, triton
-from triton.backends.compiler import GPUTarget
-from tcm_kernels.triton import sparse_norm as sn, recon_loss as rl
+KERNELS = [("sparse_norm", "_moments_kernel", {"BLOCK": 1024}), ("sparse_norm", "_scale_shift_kernel", {"BLOCK": 1024}),
+           ("sparse_norm", "_grad_moments_kernel", {"BLOCK": 1024}),
+           ("sparse_norm", "_norm_backward_kernel", {"BLOCK": 1024}),
+           ("recon_loss", "_forward_kernel", {"NORM_PIX": True, "BLOCK": 512}),
+           ("recon_loss", "_backward_kernel", {"NORM_PIX": True, "BLOCK": 512})]
 
-def sig_for(fn, dt, consts):
+
+def _signature(fn, dt: str) -> dict[str, str]:
     sig = {}
     for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("MASK",):
+        if name == "MASK":
             sig[name] = "*i1"
         elif name in ("X", "Y", "DY", "DX", "P", "T", "GRAD"):
             sig[name] = f"*{dt}"
-        elif name.isupper() and name not in ("C", "L", "D", "H", "W"):
+        elif name.isupper() and name not in ("C", "L", "D", "H", "W", "BLOCK", "NORM_PIX"):
             sig[name] = "*fp32"
         elif name == "eps":
             sig[name] = "fp32"
-        else:
+        elif name not in ("BLOCK", "NORM_PIX"):
             sig[name] = "i32"
     return sig
 
-report = {}
-kernels = [(sn._moments_kernel, {"BLOCK": 1024}), (sn._scale_shift_kernel, {"BLOCK": 1024}),
-           (sn._grad_moments_kernel, {"BLOCK": 1024}), (sn._norm_backward_kernel, {"BLOCK": 1024}),
-           (rl._forward_kernel, {"NORM_PIX": True, "BLOCK": 512}),
-           (rl._backward_kernel, {"NORM_PIX": True, "BLOCK": 512})]
-for cap in (80, 90):
-    for dt in ("fp32", "fp16", "bf16"):
-        for fn, consts in kernels:
-            k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig_for(fn, dt, consts), constexprs=consts),
-                               target=GPUTarget("cuda", cap, 32))
-            report[f"sm{cap}-{dt}-{fn.__name__}"] = fn.__name__ in k.asm["ptx"]
-print(json.dumps(report))
-"""
 
-
-def test_triton_kernels_compile_to_ptx_for_sm80_and_sm90():
+@pytest.fixture(scope="module")
+def report():
     pytest.importorskip("triton")
-    report = run_without_interpreter(_PTX_CHECK)
-    assert len(report) == 2 * 3 * 6, sorted(report)
-    assert all(report.values()), [k for k, ok in report.items() if not ok]
+    import importlib
+
+    jobs = []
+    for cap in SHARED_LIMIT:
+        for dt in ("fp32", "fp16", "bf16"):
+            for module, name, consts in KERNELS:
+                fn = getattr(importlib.import_module(f"tcm_kernels.triton.{module}"), name)
+                jobs.append({"name": f"sm{cap}-{dt}-{name}", "kernel": f"tcm_kernels.triton.{module}:{name}",
+                             "signature": _signature(fn, dt), "constexprs": consts, "cap": cap})
+    return compile_kernels(jobs)
+
+
+def test_triton_kernels_compile_to_ptx_for_sm80_and_sm90(report):
+    assert len(report) == 2 * 3 * len(KERNELS), sorted(report)
+    for name, entry in report.items():
+        cap = int(name[2:4])
+        assert entry["target"] == arch(cap) and entry["entry"] and entry["cubin_bytes"] > 0, (name, entry)
+        assert entry["shared"] <= SHARED_LIMIT[cap] and entry["stack"] == 0, (name, entry)

@@ -14,7 +14,7 @@ import torch
 
 import tcm_kernels
 from tcm_kernels.reference import philox as ref_philox
-from tests.utils import backend_param, run_without_interpreter
+from tests.utils import backend_param
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 import triton.language as tl  # noqa: E402
@@ -120,6 +120,19 @@ def test_triton_rejects_rows_longer_than_one_tile(device):
         tcm_kernels.sample_mask(scores, 0.5, strategy="uniform", seed=0, backend="triton")
 
 
+def test_default_backend_sends_long_cuda_rows_to_the_cuda_kernel(monkeypatch):
+    """N > 16384 on a CUDA device: the CUDA kernel (no row limit), not the Triton kernel that would raise."""
+    from tcm_kernels import _backend
+    from tcm_kernels.ops.sample_mask import TRITON_MAX_PATCHES
+
+    monkeypatch.setattr(_backend, "compiled_available", lambda op, device_type="cpu": True)
+    cuda = torch.device("cuda")
+    pick = [_backend.choose_backend("sample_mask", cuda, None, has_cuda_kernel=True,
+                                    prefer_cuda_kernel=n > TRITON_MAX_PATCHES) for n in (16384, 16385)]
+    assert pick == ["triton", "cuda"]
+    assert TRITON_MAX_PATCHES == tsm.MAX_PATCHES
+
+
 # ---- the RNG pieces, bit for bit --------------------------------------------------------------
 
 # Random123 known-answer vectors of Philox-4x32-10: counter, key (k0, k1), output words.
@@ -205,42 +218,34 @@ def test_triton_torch_compile_fullgraph_matches_eager(device):
 
 # ---- PTX for sm_80 and sm_90, without a GPU ---------------------------------------------------
 
-_PTX_CHECK = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from tcm_kernels.triton import sample_mask as tsm
-from tcm_kernels.triton import philox
-
-scalars = ["n", "num_masked", "seed_lo", "seed_hi", "offset_lo", "offset_hi", "inv_temperature_bits",
-           "roi_threshold_bits", "roi_mask_ratio_bits", "num_hard"]
-signature = {"scores_ptr": "*fp32", "visible_ptr": "*u8", "ids_keep_ptr": "*i64", "ids_restore_ptr": "*i64",
-             **{name: "i64" for name in scalars}, "STRATEGY": "constexpr", "BLOCK": "constexpr"}
-report = {}
-for cap in (80, 90):
-    for strategy, sid in tsm.STRATEGY_IDS.items():
-        src = triton.compiler.ASTSource(fn=tsm._sample_mask_kernel, signature=signature,
-                                        constexprs={"STRATEGY": sid, "BLOCK": 256})
-        k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "enable_fp_fusion": False})
-        ptx = k.asm["ptx"]
-        report[f"sm{cap}-{strategy}"] = {
-            "target": re.search(r"\.target\s+(\S+)", ptx).group(1),
-            "entry": "_sample_mask_kernel" in ptx,
-            "f32_ops": sorted(set(re.findall(r"\b((?:mul|add|sub|fma|div)\.[a-z.]*f32)", ptx))),
-            "cubin_bytes": len(k.asm["cubin"]),
-        }
-    src = triton.compiler.ASTSource(fn=philox._philox_rows_kernel,
-                                    signature={"counters_ptr": "*i64", "words_ptr": "*i64", "num_counters": "i32",
-                                               "seed_lo": "i64", "seed_hi": "i64", "BLOCK": "constexpr"},
-                                    constexprs={"BLOCK": 128})
-    report[f"sm{cap}-philox"] = {"cubin_bytes": len(triton.compile(src, target=GPUTarget("cuda", cap, 32)).asm["cubin"])}
-print(json.dumps(report))
-"""
+_SCALARS = ["n", "num_masked", "seed_lo", "seed_hi", "offset_lo", "offset_hi", "inv_temperature_bits",
+            "roi_threshold_bits", "roi_mask_ratio_bits", "num_hard"]
 
 
 @pytest.fixture(scope="module")
 def ptx_report():
-    """Compile in a fresh interpreter: under TRITON_INTERPRET=1 triton.jit does not build compilable kernels."""
-    return run_without_interpreter(_PTX_CHECK)
+    """PTX of every strategy and of the Philox kernel for sm_80 and sm_90 (tests/triton_compile.py)."""
+    pytest.importorskip("triton")
+    import re
+
+    from tcm_kernels.triton import sample_mask as tsm
+    from tests.triton_compile import compile_kernels
+
+    signature = {"scores_ptr": "*fp32", "visible_ptr": "*u8", "ids_keep_ptr": "*i64", "ids_restore_ptr": "*i64",
+                 **{name: "i64" for name in _SCALARS}}
+    jobs = []
+    for cap in (80, 90):
+        for strategy, sid in tsm.STRATEGY_IDS.items():
+            jobs.append({"name": f"sm{cap}-{strategy}", "kernel": "tcm_kernels.triton.sample_mask:_sample_mask_kernel",
+                         "signature": signature, "constexprs": {"STRATEGY": sid, "BLOCK": 256}, "cap": cap,
+                         "options": {"num_warps": 4, "enable_fp_fusion": False}})
+        jobs.append({"name": f"sm{cap}-philox", "kernel": "tcm_kernels.triton.philox:_philox_rows_kernel",
+                     "signature": {"counters_ptr": "*i64", "words_ptr": "*i64", "num_counters": "i32",
+                                   "seed_lo": "i64", "seed_hi": "i64"}, "constexprs": {"BLOCK": 128}, "cap": cap})
+    report = compile_kernels(jobs, want_ptx=True)
+    for entry in report.values():
+        entry["f32_ops"] = sorted(set(re.findall(r"\b((?:mul|add|sub|fma|div)\.[a-z.]*f32)", entry.pop("ptx"))))
+    return report
 
 
 @pytest.mark.parametrize("cap", [80, 90])

@@ -9,7 +9,7 @@ import tcm_kernels
 from tcm_kernels._core.geometry import space_to_depth, transposed_kernel
 from tcm_kernels.experimental import is_patch_aligned
 from tcm_kernels.reference import submconv as ref
-from tests.utils import assert_close_verbose, backend_param, run_without_interpreter
+from tests.utils import assert_close_verbose, backend_param
 
 OP = "submconv_forward"
 BACKENDS = [backend_param(OP, "cpu")]
@@ -711,36 +711,67 @@ def test_triton_compact_half_empty_and_opcheck(backend, device):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-_PTX_CHECK = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from tcm_kernels.triton import submconv as tsc
-
-ints = ["n_rows", "depth", "height", "width", "cin", "cout", "cin_g", "cout_g", "taps"]
-signature = {"x_ptr": "*fp16", "w_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp32", "grid_ptr": "*i32",
-             "sites_ptr": "*i64", "offsets_ptr": "*i32", **{n: "i32" for n in ints},
-             "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-report = {}
-for cap in (80, 90):
-    src = triton.compiler.ASTSource(fn=tsc._submconv_rows_kernel, signature=signature,
-                                    constexprs={"HAS_BIAS": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32})
-    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
-    ptx = k.asm["ptx"]
-    report[f"sm{cap}"] = {"target": re.search(r"\.target\s+(\S+)", ptx).group(1),
-                          "entry": "_submconv_rows_kernel" in ptx, "cubin_bytes": len(k.asm["cubin"])}
-print(json.dumps(report))
-"""
-
-
 @pytest.fixture(scope="module")
 def ptx_report():
-    """Compile in a fresh interpreter: under TRITON_INTERPRET=1 triton.jit does not build compilable kernels."""
-
+    """The kernel for sm_80 and sm_90 in every dtype, at the largest tiles the launcher picks (tests/triton_compile.py)."""
     pytest.importorskip("triton", reason="triton not installed")
-    return run_without_interpreter(_PTX_CHECK)
+    from tests.triton_compile import compile_kernels
+
+    ints = ['n_rows', 'depth', 'height', 'width', 'cin', 'cout', 'cin_g', 'cout_g', 'taps']
+    from tcm_kernels.triton.submconv import launch_tiles
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    jobs = []
+    for cap in (80, 90):
+        for dt in ("fp32", "fp16", "bf16"):
+            block_m, block_n, block_k, warps = launch_tiles(1024, 1024, torch_dtype[dt])  # the largest tiles
+            signature = {**{"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": "*fp32", "y_ptr": "*fp32", "grid_ptr": "*i32", "sites_ptr": "*i64", "offsets_ptr": "*i32"}, **{n: "i32" for n in ints}}
+            jobs.append({"name": f"sm{cap}-{dt}", "kernel": "tcm_kernels.triton.submconv:_submconv_rows_kernel",
+                         "signature": signature, "cap": cap, "options": {"num_warps": warps},
+                         "constexprs": {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                        "BLOCK_K": block_k, "EMULATE_BF16": False}})
+    return compile_kernels(jobs, want_ptx=True)
 
 
 @pytest.mark.parametrize("cap", [80, 90])
 def test_triton_kernel_compiles_to_ptx(ptx_report, cap):
-    entry = ptx_report[f"sm{cap}"]
-    assert entry["target"] == ("sm_80" if cap == 80 else "sm_90a") and entry["entry"] and entry["cubin_bytes"] > 0
+    """Compiles; fp16/bf16 dots run on tensor cores (mma / wgmma in the PTX), fp32 dots do not (IEEE, no
+    TF32); no spills and shared memory within the target's limit."""
+    from tests.triton_compile import assert_conv_kernel
+
+    for dt in ("fp32", "fp16", "bf16"):
+        assert_conv_kernel(ptx_report[f"sm{cap}-{dt}"], cap, tensor_cores=dt != "fp32")
+
+# ---- CUDA kernels (csrc/submconv/submconv_cuda.cu): run by `make gpu-check` ------------------------
+
+CUDA = backend_param(OP, "cuda")
+
+
+def test_cuda_kernels_serve_cuda_tensors_without_triton(monkeypatch):
+    """Dispatch rule: Triton for CUDA tensors; the compiled CUDA kernels when Triton is missing."""
+    from tcm_kernels import _backend
+
+    monkeypatch.setattr(_backend, "compiled_available", lambda op, device_type="cpu": True)
+    cuda = torch.device("cuda")
+    assert _backend.choose_backend(OP, cuda, None, has_cuda_kernel=True) == "triton"
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    assert _backend.choose_backend(OP, cuda, None, has_cuda_kernel=True) == "cuda"
+    assert _backend.choose_backend("submconv_compact_forward", cuda, None, has_cuda_kernel=False) == "reference"
+
+
+@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("nd,cin,cout,groups,k,dilation", [(2, 5, 7, 1, 3, 1), (3, 4, 6, 2, 3, 2), (2, 6, 6, 6, 5, 1),
+                                                           (3, 8, 16, 1, 3, 1)])
+def test_cuda_forward_backward_vs_fp64_reference(backend, nd, cin, cout, groups, k, dilation):
+    x, m, w, b = make_case(nd, cin, cout, k, groups, spatial=(9, 7) if nd == 2 else (4, 5, 3))
+    dev = torch.device("cuda")
+    xs, ws, bs = (t.to(dev).requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    y = tcm_kernels.submanifold_conv(xs, m.to(dev), ws, bs, groups=groups, dilation=dilation, backend=backend)
+    y_ref = ref.submanifold_conv(xr, m, wr, br, groups=groups, dilation=dilation)
+    assert_close_verbose(y, y_ref, atol=2e-5, rtol=2e-5, name="y")
+    grad = torch.randn(y_ref.shape, dtype=torch.float64)
+    y.backward(grad.float().to(dev))
+    y_ref.backward(grad)
+    for name, a, e in [("grad_x", xs.grad, xr.grad), ("grad_w", ws.grad, wr.grad), ("grad_b", bs.grad, br.grad)]:
+        assert_close_verbose(a, e, atol=5e-5, rtol=5e-5, name=name)

@@ -14,7 +14,7 @@ from tcm_kernels.experimental import is_patch_aligned, prefer_patch_path, subman
 from tcm_kernels.ops import submconv_patch as patch_ops
 from tcm_kernels.reference import submconv as ref
 from tests.ops.test_submconv import TOL, make_case
-from tests.utils import assert_close_verbose, backend_param, run_without_interpreter
+from tests.utils import assert_close_verbose, backend_param
 
 OP = "submconv_forward"
 CPU, TRITON = backend_param(OP, "cpu"), backend_param(OP, "triton")
@@ -276,36 +276,33 @@ def test_triton_opcheck(backend, dev):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-_PTX_CHECK = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from tcm_kernels.triton import submconv_patch as tsp
-
-ints = ["n_rows", "depth", "height", "width", "sxb", "sxc", "sxz", "sxy", "sxx", "cin", "cout", "cin_g", "cout_g",
-        "taps", "pz", "py", "px"]
-signature = {"x_ptr": "*bf16", "mask_ptr": "*i8", "w_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp32",
-             "tiles_ptr": "*i32", "offsets_ptr": "*i32", **{n: "i32" for n in ints},
-             "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-report = {}
-for cap in (80, 90):
-    src = triton.compiler.ASTSource(fn=tsp._submconv_patch_kernel, signature=signature,
-                                    constexprs={"HAS_BIAS": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32})
-    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
-    ptx = k.asm["ptx"]
-    report[f"sm{cap}"] = {"target": re.search(r"\.target\s+(\S+)", ptx).group(1),
-                          "entry": "_submconv_patch_kernel" in ptx, "cubin_bytes": len(k.asm["cubin"])}
-print(json.dumps(report))
-"""
-
-
 @pytest.fixture(scope="module")
 def ptx_report():
-    """Compile in a fresh interpreter: under TRITON_INTERPRET=1 triton.jit does not build compilable kernels."""
+    """The kernel for sm_80 and sm_90 in every dtype, at the largest tiles the launcher picks (tests/triton_compile.py)."""
     pytest.importorskip("triton", reason="triton not installed")
-    return run_without_interpreter(_PTX_CHECK)
+    from tests.triton_compile import compile_kernels
+
+    ints = ['n_rows', 'depth', 'height', 'width', 'sxb', 'sxc', 'sxz', 'sxy', 'sxx', 'cin', 'cout', 'cin_g', 'cout_g', 'taps', 'pz', 'py', 'px']
+    from tcm_kernels.triton.submconv import launch_tiles
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    jobs = []
+    for cap in (80, 90):
+        for dt in ("fp32", "fp16", "bf16"):
+            block_m, block_n, block_k, warps = launch_tiles(1024, 1024, torch_dtype[dt])  # the largest tiles
+            signature = {**{"x_ptr": f"*{dt}", "mask_ptr": "*i8", "w_ptr": f"*{dt}", "bias_ptr": "*fp32", "y_ptr": "*fp32", "tiles_ptr": "*i32", "offsets_ptr": "*i32"}, **{n: "i32" for n in ints}}
+            jobs.append({"name": f"sm{cap}-{dt}", "kernel": "tcm_kernels.triton.submconv_patch:_submconv_patch_kernel",
+                         "signature": signature, "cap": cap, "options": {"num_warps": warps},
+                         "constexprs": {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                        "BLOCK_K": block_k, "EMULATE_BF16": False}})
+    return compile_kernels(jobs, want_ptx=True)
 
 
 @pytest.mark.parametrize("cap", [80, 90])
 def test_triton_tile_kernel_compiles_to_ptx(ptx_report, cap):
-    entry = ptx_report[f"sm{cap}"]
-    assert entry["target"] == ("sm_80" if cap == 80 else "sm_90a") and entry["entry"] and entry["cubin_bytes"] > 0
+    """Compiles; fp16/bf16 dots run on tensor cores (mma / wgmma in the PTX), fp32 dots do not (IEEE, no
+    TF32); no spills and shared memory within the target's limit."""
+    from tests.triton_compile import assert_conv_kernel
+
+    for dt in ("fp32", "fp16", "bf16"):
+        assert_conv_kernel(ptx_report[f"sm{cap}-{dt}"], cap, tensor_cores=dt != "fp32")

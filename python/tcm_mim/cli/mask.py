@@ -2,6 +2,8 @@
 
     tcm-mask --dataset brain_mri --prompt "left hippocampus" --mask-ratio 0.4 --strategy stratified --out mask.png
     tcm-mask --image scan.nii.gz --labels seg.nii.gz --label-names names.txt --prompt "liver" --out liver.png
+    tcm-mask --image unlabelled_t1.nii.gz --localizer atlas --atlas brain_mri --prompt "left hippocampus" \
+             --out hippo.png --qc-out hippo_qc.png
     tcm-mask --image cxr.png --localizer clipseg --checkpoint ./clipseg-dir --prompt "left lung" --out cxr_mask.png
 """
 
@@ -18,9 +20,9 @@ import numpy as np
 from ..data import EMBEDDED, load_embedded, normalize_intensity, read_label_names, read_scan
 from ..data.scan import Scan
 from ..errors import UserError
-from ..localize import CLIPSegLocalizer, LabelTextLocalizer
+from ..localize import ATLASES, AtlasLocalizer, CLIPSegLocalizer, LabelTextLocalizer
 from ..masking import mask_from_saliency
-from ..viz import render_overlay, save_png
+from ..viz import render_atlas_qc, render_overlay, save_png
 from .common import ArgumentParser, run
 
 DISPLAY_CT_WINDOW = (-300.0, 1600.0)  # lungs, mediastinum and bone all visible
@@ -36,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-names", help='text file of "id name" lines for --labels')
     p.add_argument("--modality", help="override the modality of --image (CT, MR, CR, ...)")
     p.add_argument("--prompt", required=True, help='e.g. "left hippocampus", "left lung and heart"')
-    p.add_argument("--localizer", choices=("label", "clipseg"), default="label")
+    p.add_argument("--localizer", choices=("label", "atlas", "clipseg"), default="label",
+                   help="label: the scan's label map; atlas: register an atlas (unlabelled 3-D scans); clipseg")
+    p.add_argument("--atlas", choices=ATLASES, help="for --localizer atlas (default: --dataset if it is one)")
+    p.add_argument("--qc-out", help="for --localizer atlas: PNG of the atlas contours on the scan")
     p.add_argument("--checkpoint", help="local CLIPSeg checkpoint folder (for --localizer clipseg)")
     p.add_argument("--margin-mm", type=float, default=0.0, help="grow the matched region by this many mm")
     p.add_argument("--mask-ratio", type=float, default=0.4, help="share of patches masked, in [0, 1)")
@@ -76,11 +81,18 @@ def validate(args: argparse.Namespace) -> None:
             raise UserError("--localizer clipseg needs --checkpoint DIR (a local CLIPSeg checkpoint)")
         if not pathlib.Path(args.checkpoint).is_dir():
             raise UserError(f"--checkpoint {args.checkpoint} is not a folder (a local CLIPSeg checkpoint)")
-    out = pathlib.Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out must be a .png file, got {args.out}")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {args.out}: the folder {out.parent} does not exist")
+    if args.localizer == "atlas" and args.atlas is None and args.dataset not in ATLASES:
+        raise UserError(f"--localizer atlas needs --atlas ({' or '.join(ATLASES)})")
+    if args.qc_out is not None and args.localizer != "atlas":
+        raise UserError("--qc-out goes with --localizer atlas (it draws the registered atlas)")
+    for flag, value in (("--out", args.out), ("--qc-out", args.qc_out)):
+        if value is None:
+            continue
+        out = pathlib.Path(value)
+        if out.suffix.lower() != ".png":
+            raise UserError(f"{flag} must be a .png file, got {value}")
+        if not out.parent.is_dir():
+            raise UserError(f"{flag} {value}: the folder {out.parent} does not exist")
 
 
 def _read(path: str, flag: str, **kw) -> Scan:
@@ -114,6 +126,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.localizer == "clipseg":
         localizer = CLIPSegLocalizer(args.checkpoint)
         matched = "CLIPSeg"
+    elif args.localizer == "atlas":
+        scan, localizer, matched = _register_atlas(args, scan)
     else:
         if scan.labels is None:
             raise UserError("the label-text localizer needs a label map: pass --labels (and --label-names), or use "
@@ -140,6 +154,31 @@ def _main(argv: Sequence[str] | None) -> int:
     print(title)
     print(f"wrote {args.out}")
     return 0
+
+
+def _register_atlas(args, scan: Scan) -> tuple[Scan, LabelTextLocalizer, str]:
+    """The scan with the registered atlas's labels, the localizer for them, and the matched names (QC PNG)."""
+    atlas = args.atlas or args.dataset
+    localizer = AtlasLocalizer(atlas)
+    try:
+        matches = localizer.match(args.prompt)
+        registration = localizer.register(scan)
+    except ValueError as err:  # no label matches the prompt, or AtlasRegistrationError: the message says which
+        raise UserError(str(err)) from err
+    labels = registration.labels
+    if args.qc_out:
+        title = (f"{scan.name}: atlas {atlas} registered in {registration.seconds:.1f} s, foreground Dice "
+                 f"{registration.foreground_dice:.3f}; red: '{args.prompt}'")
+        display = normalize_intensity(scan.image, scan.modality,
+                                      window=DISPLAY_CT_WINDOW if scan.modality == "CT" else "soft_tissue")
+        save_png(render_atlas_qc(display, labels.array, scan.spacing, title,
+                                 highlight=labels.mask(m.label_id for m in matches)), args.qc_out)
+        print(f"wrote {args.qc_out}")
+    matched = f"atlas {atlas}: " + ", ".join(m.name for m in matches[:6]) + \
+        (f" +{len(matches) - 6}" if len(matches) > 6 else "")
+    # From here on the warped labels are the scan's labels, matched by the label-text localizer.
+    scan = Scan(scan.name, scan.modality, scan.image, scan.spacing, scan.orientation, labels.array, labels.names)
+    return scan, localizer.label_localizer, matched
 
 
 def main(argv: Sequence[str] | None = None) -> int:

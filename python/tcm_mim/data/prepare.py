@@ -277,7 +277,10 @@ def add_saliency(out: Path, row: dict, prompts: Sequence[str], localizer) -> tup
     entries = list(row["saliency"])
     for prompt in missing:
         try:
-            saliency = localizer(image, prompt, labels=labels)
+            if getattr(localizer, "needs_geometry", False):  # AtlasLocalizer: registers with spacing and modality
+                saliency = localizer(Scan(row["source"], row["modality"], image, tuple(row["spacing"])), prompt)
+            else:
+                saliency = localizer(image, prompt, labels=labels)
         except ValueError as err:  # the localizer's documented "cannot place this prompt here"
             warnings.append(f"{row['source']}: no saliency for {prompt!r}: {err}")
             continue
@@ -542,8 +545,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=IMAGE_DTYPES, default="uint8", help="stored image type (default uint8)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--prompts", nargs="+", default=(), help="store the saliency of each scan for these prompts")
-    p.add_argument("--localizer", choices=("label", "clipseg"), default="label",
-                   help="label: LabelTextLocalizer (needs --label-dir); clipseg: CLIPSegLocalizer(--checkpoint)")
+    p.add_argument("--localizer", choices=("label", "atlas", "clipseg"), default="label",
+                   help="label: LabelTextLocalizer (needs --label-dir); atlas: AtlasLocalizer(--atlas), unlabelled "
+                        "volumes; clipseg: CLIPSegLocalizer(--checkpoint)")
+    p.add_argument("--atlas", choices=("brain_mri", "chest_ct"), help="for --localizer atlas: the atlas to register")
     p.add_argument("--checkpoint", help="local CLIPSeg checkpoint folder (for --localizer clipseg)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any file fails (default: only if none prepared)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -570,6 +575,13 @@ def _main(argv: list[str] | None) -> int:
         from ..localize import CLIPSegLocalizer
 
         localizer = CLIPSegLocalizer(args.checkpoint)
+    elif args.prompts and args.localizer == "atlas":
+        if not args.atlas:
+            parser.error("--localizer atlas needs --atlas (brain_mri or chest_ct)")
+        from ..localize import AtlasLocalizer
+
+        # The warped labels are cached by content beside the corpus: a resumed run does not register again.
+        localizer = AtlasLocalizer(args.atlas, cache_dir=Path(args.out) / "atlas_cache")
     elif args.prompts and args.label_dir is None:
         parser.error("--prompts with the label localizer needs --label-dir (it matches prompts to label names)")
     settings = PrepareSettings(spacing=args.spacing, modality=args.modality, window=args.window, dtype=args.dtype)

@@ -26,6 +26,8 @@ from ..models.spark import DECODERS
 from .methods import method_class, method_names
 
 METHODS = method_names()  # every module of tcm_mim/train/methods/ registers one
+LOCALIZERS = ("label", "atlas", "clipseg")
+ATLASES = ("brain_mri", "chest_ct")
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -96,6 +98,12 @@ class PretrainConfig:
     label_names: str | None = _key(None, 'folder datasets: text file of "id name" lines naming the labels')
     prompts: list[str] = _key(help="tcm: the diagnostic text, one saliency per prompt (non-empty for tcm)",
                               factory=lambda: ["left lung", "heart"])
+    localizer: str = _key("label", "tcm: where the prompts' saliency comes from: label (the scans' label maps), atlas "
+                                   "(a registered atlas: unlabelled 3-D scans) or clipseg (clipseg_checkpoint)",
+                          choices=LOCALIZERS)
+    atlas: str | None = _key(None, "localizer=atlas: brain_mri or chest_ct; null: the dataset's name if it is one",
+                             allowed="brain_mri, chest_ct or null", check=lambda v: v in ATLASES)
+    clipseg_checkpoint: str | None = _key(None, "localizer=clipseg: a local CLIPSeg checkpoint folder")
     encoder: str = _key("resnet_tiny", "sparse encoder (tcm_mim.models.build_encoder)", choices=ENCODERS,
                         resume=FIXED)
     dim: int | None = _key(None, "2 (slices) or 3 (volumes); null: 3 for an encoder named *3d*, else 2",
@@ -191,6 +199,11 @@ class PretrainConfig:
         if self.method == "amlp" and self.mask_ratio is not None:
             raise ConfigError(f"config: mask_ratio is not used by method amlp (its ratio ramps from amlp_ratio_start "
                               f"to amlp_ratio_end), got {self.mask_ratio}; set amlp_ratio_end instead")
+        if self.localizer == "atlas" and self.atlas is None and self.dataset not in ATLASES:
+            raise ConfigError(f"config: localizer=atlas needs atlas=brain_mri or atlas=chest_ct for dataset "
+                              f"{self.dataset!r}")
+        if self.localizer == "clipseg" and not self.clipseg_checkpoint:
+            raise ConfigError("config: localizer=clipseg needs clipseg_checkpoint=DIR (a local CLIPSeg checkpoint)")
         patch = encoder_patch_size(self.encoder)
         if self.decoder == "spark" and self.decoder_width < patch:
             raise ConfigError(f"config: decoder_width must be at least the patch size {patch} for decoder spark (its "

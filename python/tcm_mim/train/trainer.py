@@ -87,11 +87,18 @@ def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> Prep
         raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
                           f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
                           f"2-D encoder (resnet_tiny)")
-    if method_class(cfg.method).needs_labels:
+    # needs_labels: the prompts are matched to the scans' own label maps, unless an atlas or CLIPSeg places them.
+    if method_class(cfg.method).needs_labels and cfg.localizer == "label":
         corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["labels"] is not None])
         if not corpus.rows:
-            raise ConfigError(f"config: method {cfg.method} needs scans with label maps for its prompts; dataset "
-                              f"{cfg.dataset!r} has none (set label_dir for a folder dataset)")
+            raise ConfigError(f"config: method {cfg.method} with localizer=label needs scans with label maps for its "
+                              f"prompts; dataset {cfg.dataset!r} has none (set label_dir for a folder dataset, or "
+                              f"use localizer=atlas atlas=brain_mri|chest_ct for unlabelled volumes)")
+    if method_class(cfg.method).needs_saliency and cfg.localizer == "atlas":
+        corpus = corpus.select([i for i, row in enumerate(corpus.rows) if len(row["shape"]) == 3])
+        if not corpus.rows:
+            raise ConfigError(f"config: localizer=atlas registers a 3-D atlas, but dataset {cfg.dataset!r} has no "
+                              f"volumes")
     return corpus
 
 
@@ -160,11 +167,20 @@ class Trainer:
 
     def _stored_saliency(self, corpus: PreparedCorpus) -> str:
         """Store the prompts' saliency beside the corpus's scans where it is missing; the localizer's key."""
-        from ..localize import LabelTextLocalizer
+        from ..localize import AtlasLocalizer, CLIPSegLocalizer, LabelTextLocalizer
 
-        localizer = LabelTextLocalizer()
+        cfg = self.cfg
+        if cfg.localizer == "atlas":
+            # Warped labels cached by content under out_dir; a QC PNG per scan shows a failed registration.
+            localizer = AtlasLocalizer(cfg.atlas or cfg.dataset, cache_dir=self.out / "atlas_cache")
+            if self.rank == 0:
+                write_atlas_qc(localizer, corpus, self.out / "atlas_qc", cfg.prompts)
+        elif cfg.localizer == "clipseg":
+            localizer = CLIPSegLocalizer(cfg.clipseg_checkpoint)
+        else:
+            localizer = LabelTextLocalizer()
         if self.rank == 0:
-            ensure_saliency(corpus.root, self.cfg.prompts, localizer)
+            ensure_saliency(corpus.root, cfg.prompts, localizer)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         fresh = PreparedCorpus(corpus.root)  # the rows now list the stored saliency
@@ -458,6 +474,28 @@ class Trainer:
         rows = torch.cat(panels, dim=3)[:, 0]
         grid = torch.cat(list(rows), dim=0)
         Image.fromarray((grid.cpu().numpy() * 255).astype("uint8")).save(path)
+
+
+def write_atlas_qc(localizer, corpus: PreparedCorpus, folder: pathlib.Path, prompts) -> list[pathlib.Path]:
+    """Register the atlas to every scan of ``corpus``; write ``folder/<id>.png``: the atlas contours on the scan."""
+    import numpy as np
+
+    from ..data.prepare import decode_image
+    from ..data.scan import Scan
+    from ..viz import render_atlas_qc, save_png
+
+    ids = sorted({m.label_id for p in prompts for m in localizer.match(p)})
+    paths = []
+    for row in corpus.rows:
+        image = decode_image(np.load(corpus.root / row["image"]))
+        reg = localizer.register(Scan(row["source"], row["modality"], image, tuple(row["spacing"])))
+        title = (f"{row['source']}: atlas {localizer.atlas.name} registered in {reg.seconds:.1f} s, foreground "
+                 f"Dice {reg.foreground_dice:.3f}; red: {', '.join(prompts)}")
+        path = folder / f"{row['id']}.png"
+        save_png(render_atlas_qc(image, reg.labels.array, tuple(row["spacing"]), title,
+                                 highlight=reg.labels.mask(ids)), path)
+        paths.append(path)
+    return paths
 
 
 def _denormalize_patches(pred: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
