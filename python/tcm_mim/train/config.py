@@ -126,8 +126,8 @@ class PretrainConfig:
     tcm_masking: str = _key("overall", "tcm: overall = mask_ratio of all patches, roi_mask_ratio of them on ROI; "
                                        "region_ratios = fixed shares of each region (the authors' code)",
                             choices=("overall", "region_ratios"))
-    region_roi_ratio: float = _key(0.8, "tcm region_ratios: share of ROI patches masked (ROI: any positive "
-                                        "saliency in the patch)", bounds=UNIT)
+    region_roi_ratio: float = _key(0.8, "tcm region_ratios: share of ROI patches masked (ROI: any saliency >= "
+                                        "roi_threshold in the patch)", bounds=UNIT)
     region_background_ratio: float = _key(0.4, "tcm region_ratios: share of background patches masked",
                                           bounds=UNIT)
     hard_fraction_max: float = _key(0.5, "anatomask: curriculum ends at this share of the budget from hard patches",

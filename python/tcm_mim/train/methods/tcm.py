@@ -1,7 +1,7 @@
 """TCM: text-guided masking of two views, reconstruction plus (this package's addition) InfoNCE between them.
 
 Masking (``tcm_masking``, docs/methods.md): ``region_ratios`` masks fixed shares of each image's ROI and
-background patches (the authors' code; ROI = any positive saliency in the patch); ``overall`` masks
+background patches (the authors' code; ROI = any saliency >= ``roi_threshold`` in the patch); ``overall`` masks
 ``mask_ratio`` of all patches with ``roi_mask_ratio`` of them on ROI (mean saliency >= ``roi_threshold``).
 The realised shares (overall, ROI, background) are logged every step.
 """
@@ -33,7 +33,9 @@ class TCM(Method):
         """The two views' masks, visible bool [2B, N] (view 0 rows, then view 1), and the ROI bool [B, N]."""
         t, cfg = self.trainer, self.cfg
         if cfg.tcm_masking == "region_ratios":
-            roi = tcm_kernels.patch_scores(saliency, t.model.patch_size, reduce="max") > 0
+            # The authors' binary masks: ROI = any positive value in the patch. Saliency maps here are soft
+            # (blurred label edges, atlas and CLIPSeg probabilities), so "any" is any value >= roi_threshold.
+            roi = tcm_kernels.patch_scores(saliency, t.model.patch_size, reduce="max") >= cfg.roi_threshold
             views = [region_ratio_mask(roi, cfg.region_roi_ratio, cfg.region_background_ratio, seed=cfg.seed,
                                        offset=2 * draw + v) for v in (0, 1)]
         else:
