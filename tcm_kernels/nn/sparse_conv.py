@@ -115,12 +115,12 @@ class _SparseDownsampleNd(nn.Module):
 
 
 class SparseDownsample2d(_SparseDownsampleNd):
-    """SparK's 2-D downsampling: kernel = stride, output mask = max-pool of the mask."""
+    """Patchify 2-D downsampling (SparK's ConvNeXt design): kernel = stride, output mask = max-pool of the mask."""
 
     nd = 2
 
 
 class SparseDownsample3d(_SparseDownsampleNd):
-    """SparK's 3-D downsampling: kernel = stride, output mask = max-pool of the mask."""
+    """Patchify 3-D downsampling (SparK's ConvNeXt design): kernel = stride, output mask = max-pool of the mask."""
 
     nd = 3

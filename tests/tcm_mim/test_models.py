@@ -240,3 +240,215 @@ def test_compact_layout_equals_masked_dense_layout(name, dim, size, cin, norm):
     ref_buffers = dict(ref.named_buffers())
     for bname, b_ in enc.named_buffers():
         torch.testing.assert_close(b_, ref_buffers[bname], atol=1e-5, rtol=1e-5, msg=lambda m, bname=bname: f"{bname}: {m}")
+
+
+# ---------------------------------------------------------------- encoders by their names
+# timm needs torchvision, and torchvision from PyPI does not import beside this venv's CPU torch, so the
+# standard layout is written out here: torchvision's ResNet (== timm's default ResNet) with its module names,
+# classifier removed (timm's num_classes=0).
+
+
+class _TvBasic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        cout = width * self.expansion
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class _TvBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # v1.5: the stride on the 3x3
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(y)))))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class _TvResNet(nn.Module):
+    def __init__(self, block, depths, widths, in_chans):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = widths[0]
+        for i, (d, w) in enumerate(zip(depths, widths)):
+            blocks = []
+            for j in range(d):
+                blocks.append(block(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.depth = len(depths)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        out = []
+        for i in range(self.depth):
+            x = getattr(self, f"layer{i + 1}")(x)
+            out.append(x)
+        return out
+
+
+_TV = {"resnet18": (_TvBasic, (2, 2, 2, 2), (64, 128, 256, 512)),
+       "resnet50": (_TvBottleneck, (3, 4, 6, 3), (64, 128, 256, 512)),
+       "resnet_tiny": (_TvBasic, (1, 1, 1, 1), (8, 16, 32, 64))}
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "resnet18", "resnet50"])
+def test_resnet_weights_load_strictly_into_the_standard_layout(name):
+    """export_resnet_state_dict loads with strict=True into torchvision's / timm's ResNet layout, and that
+    network's per-stage outputs equal the sparse encoder's on an all-visible mask (eval mode, non-trivial
+    running statistics), on both of the encoder's paths."""
+    from tcm_mim.models import export_resnet_state_dict
+
+    torch.manual_seed(0)
+    enc = build_encoder(name, in_channels=1).eval()
+    for m in enc.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    ref = _TvResNet(*_TV[name], in_chans=1).eval()
+    ref.load_state_dict(export_resnet_state_dict(enc), strict=True)
+    image = torch.randn(2, 1, 64, 64)
+    mask = torch.ones(2, 1, 64, 64, dtype=torch.bool)
+    expected = ref(image)
+    for backend in (None, "reference"):
+        set_backend(enc, backend)
+        for i, ((f, m), e) in enumerate(zip(enc(image, mask), expected)):
+            assert m.all()
+            torch.testing.assert_close(f, e, atol=2e-4, rtol=2e-4, msg=lambda s, i=i: f"{backend} stage {i}: {s}")
+
+
+def test_resnet_parameter_counts_are_torchvisions():
+    """torchvision's published counts (resnet18 11,689,512, resnet50 25,557,032, RGB, 1000 classes) minus fc."""
+    for name, published, fc in (("resnet18", 11_689_512, 512 * 1000 + 1000),
+                                ("resnet50", 25_557_032, 2048 * 1000 + 1000)):
+        enc = build_encoder(name, in_channels=3)
+        assert sum(p.numel() for p in enc.parameters()) == published - fc, name
+
+
+def test_no_bias_directly_before_a_norm():
+    enc = build_encoder("resnet18")
+    for name, m in enc.named_modules():
+        if hasattr(m, "conv") and hasattr(m, "norm"):
+            assert getattr(m.conv, "bias", None) is None, name
+    assert enc.stem.conv.bias is None
+
+
+def test_export_resnet_state_dict_refuses_other_encoders():
+    from tcm_mim.models import export_resnet_state_dict
+
+    with pytest.raises(ValueError, match="2-D SparseResNet with the ResNet stem"):
+        export_resnet_state_dict(build_encoder("resnet3d_tiny", dim=3))
+
+
+def test_drop_path_same_on_both_paths_and_off_in_eval():
+    torch.manual_seed(0)
+    enc = build_encoder("resnet_tiny", drop_path=0.5)
+    ref = set_backend(copy.deepcopy(enc), "reference")
+    visible = _patch_mask(2, (2, 2), 0.5, seed=2)
+    mask = tcm_kernels.upsample_mask(visible.reshape(2, 1, 2, 2), 32)
+    image = torch.randn(2, 1, 64, 64) * mask
+    outs = []
+    for model in (enc, ref):
+        torch.manual_seed(5)
+        outs.append(model(image, mask)[-1][0])
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=2e-4)
+    torch.manual_seed(6)
+    dropped = enc(image, mask)[-1][0]
+    assert not torch.allclose(dropped, outs[0])  # another draw drops other branches
+    enc.eval()
+    evals = []
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        evals.append(enc(image, mask)[-1][0])
+    assert torch.equal(*evals)
+
+
+# ---------------------------------------------------------------- SparK's densify and decoder
+
+
+def test_decoder_input_is_normed_features_then_mask_tokens():
+    """Per scale, as SparK: the sparse norm over the active sites, then the mask token at the masked sites."""
+    torch.manual_seed(0)
+    model = SparKMIM(build_encoder("resnet_tiny"), decoder_width=32)
+    assert all(t.abs().max() <= 0.02 for t in model.mask_tokens)  # truncated at one std
+    seen = {}
+    model.decoder.register_forward_pre_hook(lambda _m, args: seen.setdefault("feats", args[0]))
+    visible = _patch_mask(4, (2, 2), 0.5, seed=1)
+    model(torch.randn(4, 1, 64, 64), visible)
+    for i, (f, tok) in enumerate(zip(seen["feats"], model.mask_tokens)):
+        mask = tcm_kernels.upsample_mask(visible.reshape(4, 1, 2, 2), 2 ** (3 - i))
+        rows = f.movedim(1, -1)[mask[:, 0]]
+        torch.testing.assert_close(rows.mean(0), torch.zeros_like(rows[0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(rows.var(0, unbiased=False), torch.ones_like(rows[0]), atol=1e-2, rtol=0)
+        masked_rows = f.movedim(1, -1)[~mask[:, 0]]
+        assert torch.equal(masked_rows, tok.detach().expand_as(masked_rows))
+
+
+def test_spark_decoder_structure_and_projections():
+    enc = build_encoder("resnet_tiny")
+    model = SparKMIM(enc, decoder="spark", decoder_width=64)
+    dec = model.decoder
+    assert len(dec.blocks) == 5  # log2(patch 32)
+    assert [b[0].in_channels for b in dec.blocks] == [64, 32, 16, 8, 4]
+    for b in dec.blocks:
+        up, conv1, bn1, act, conv2, bn2 = b
+        assert (up.kernel_size, up.stride, up.padding) == ((4, 4), (2, 2), (1, 1))
+        assert isinstance(act, nn.ReLU6) and conv1.bias is None and conv2.bias is None
+    assert [p.kernel_size for p in dec.proj] == [(1, 1), (3, 3), (3, 3), (3, 3)]
+    assert [p.kernel_size for p in model.decoder.proj] == [(1, 1), (3, 3), (3, 3), (3, 3)]
+    assert [p.kernel_size for p in SparKMIM(build_encoder("resnet_tiny")).decoder.proj] == \
+        [(1, 1), (3, 3), (3, 3), (3, 3)]
+    out = model(torch.randn(2, 1, 64, 64), _patch_mask(2, (2, 2), 0.5))
+    assert out.pred.shape == (2, 1, 64, 64) and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        SparKMIM(enc, decoder="unet")
+
+
+def test_param_groups_exempt_mask_tokens_norms_and_biases():
+    from tcm_mim.models import param_groups
+
+    model = SparKMIM(build_encoder("resnet_tiny"), decoder_width=32)
+    decay, no_decay = param_groups(model.named_parameters(), 0.04)
+    assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in no_decay["params"]}
+    assert all(id(t) in ids for t in model.mask_tokens)
+    assert id(model.encoder.stem.norm.weight) in ids and id(model.densify_norms[0].bias) in ids
+    assert id(model.encoder.stem.conv.weight) not in ids
+    assert sorted(map(id, decay["params"] + no_decay["params"])) == sorted(map(id, model.parameters()))
+
+
+def test_sync_decoder_norms_on_gpu_devices_only():
+    from tcm_mim.models import sync_decoder_norms
+
+    model = SparKMIM(build_encoder("resnet_tiny"), decoder="spark", decoder_width=32)
+    assert not sync_decoder_norms(model, torch.device("cpu"))  # torch's SyncBatchNorm has no CPU forward
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert sync_decoder_norms(model, torch.device("cuda"))  # the conversion itself needs no GPU
+    norms = [m for m in model.decoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)

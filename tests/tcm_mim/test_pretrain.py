@@ -121,7 +121,9 @@ def test_methods_train_in_3d(tmp_path, method):
     trainer.train(progress=False)
     with torch.no_grad():
         after = trainer.compute_loss(0)
-    assert float(after["loss"]) < float(before["loss"])
+    # The reconstruction, which every method trains: tcm's InfoNCE over a batch of 2 crops starts near 0 (the two
+    # views of one crop embed alike at initialisation) and 3 steps of reconstruction move it either way.
+    assert float(after["recon"]) < float(before["recon"])
     losses = _losses(tmp_path)
     assert len(losses) == 3 and all(math.isfinite(float(v)) for _, v in losses)
     from PIL import Image

@@ -25,21 +25,24 @@ from torch import nn
 
 import tcm_kernels.nn as tnn
 
-from .layers import BasicBlock, Bottleneck, ConvNeXtBlock, ConvNormAct, Stem, apply, make_down, make_norm
+from .layers import (BasicBlock, Bottleneck, ConvNeXtBlock, ConvNormAct, PatchifyStem, ResNetStem, SparseMaxPool,
+                     SparseStridedConv, apply, coarse_mask, make_down, make_norm)
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class _StagedEncoder(nn.Module):
-    """Stem, then stages separated by stride-2 sparse downsampling."""
+    """Stem, then stages; the stride-2 steps between stages are separate layers (``downs``) or the first
+    block of a stage (a block with ``stride`` 2)."""
 
-    stem: Stem
+    stem: nn.Module
     downs: nn.ModuleList
     stages: nn.ModuleList
 
-    def __init__(self, stem_stride: int):
+    def __init__(self, stem_stride: int, norm: str):
         super().__init__()
         self.stem_stride = stem_stride
+        self.norm = norm  # the kind of the encoder's norms (SparKMIM's densify norms follow it)
         self.backend: str | None = None  # "reference": masked-dense layout throughout (see the module docstring)
 
     @property
@@ -56,47 +59,75 @@ class _StagedEncoder(nn.Module):
         x, mask = self.stem(x, mask, compact=compact)
         out = []
         for i, stage in enumerate(self.stages):
-            if i > 0:
+            if i > 0 and len(self.downs):
                 if compact:
                     x = self.downs[i - 1](x)  # a new SparseTensor on the coarser grid
                 else:
                     x, mask = self.downs[i - 1](x, mask)
             for block in stage:
                 x = block(x, mask)
+                stride = getattr(block, "stride", 1)
+                if mask is not None and stride > 1:  # the block's output lives on the coarser grid
+                    mask = coarse_mask(mask, stride)
             out.append(x.dense() if compact else (x, mask))
         return out
 
 
+def _drop_path_rates(drop_path: float, blocks: int, owner: str) -> list[float]:
+    """timm's stochastic-depth rule: rates growing linearly from 0 at the first block to ``drop_path`` at the last."""
+    if not 0 <= drop_path < 1:
+        raise ValueError(f"{owner}: drop_path must be in [0, 1), got {drop_path}")
+    return torch.linspace(0, drop_path, blocks).tolist() if blocks > 1 else [drop_path]
+
+
 class SparseResNet(_StagedEncoder):
-    """ResNet-style sparse encoder (2D or 3D).
+    """ResNet sparse encoder (2D or 3D).
+
+    ``stem="resnet"`` is the standard ResNet (He et al. 2016; torchvision's and timm's ``resnet18`` /
+    ``resnet50``): 7^d stride-2 conv + norm + ReLU + 3^d stride-2 sparse max-pool, the first block of
+    stages 2-4 strided (the 3^d conv; 1^d stride-2 projection shortcut), no bias before a norm. Its 2-D
+    batch-norm weights load into torchvision's / timm's ResNet (:func:`tcm_mim.models.export_resnet_state_dict`).
+
+    ``stem="patchify"``: a ``stem_stride`` patchify stem (kernel = stride) and separate stride-2 sparse
+    downsampling layers between stages (SparK's ConvNeXt design on ResNet blocks): every layer runs on the
+    compact layout, and ``stem_stride`` 2 gives the small patches of the tiny 3-D encoders.
 
     Args:
         dim: 2 or 3 spatial dims.
         in_channels: image channels.
         block: ``"basic"`` (ResNet-18/34) or ``"bottleneck"`` (ResNet-50).
         depths, widths: blocks and width per stage (output channels = width * expansion).
-        stem_stride: patchify stem stride (4 as in SparK's ResNets after conv + max-pool).
+        stem: ``"resnet"`` or ``"patchify"``.
+        stem_stride: the patchify stem's stride (the ResNet stem's is 4: conv /2, max-pool /2).
         norm: ``"batch"`` (SparK), ``"instance"`` (AnatoMask / nnU-Net 3D) or ``"layer"``.
+        drop_path: stochastic depth of the last block, growing linearly from 0 at the first (timm's rule;
+            SparK pretrains ResNet-50 with 0.05).
     """
 
     def __init__(self, dim: int = 2, in_channels: int = 1, block: str = "basic", depths: Sequence[int] = (2, 2, 2, 2),
-                 widths: Sequence[int] = (64, 128, 256, 512), stem_stride: int = 4, norm: str = "batch"):
-        super().__init__(stem_stride)
+                 widths: Sequence[int] = (64, 128, 256, 512), stem: str = "resnet", stem_stride: int = 4,
+                 norm: str = "batch", drop_path: float = 0.0):
+        if stem not in ("resnet", "patchify"):
+            raise ValueError(f"SparseResNet: stem must be 'resnet' or 'patchify', got {stem!r}")
+        super().__init__(ResNetStem.stride if stem == "resnet" else stem_stride, norm)
         if dim not in (2, 3):
             raise ValueError(f"SparseResNet: dim must be 2 or 3, got {dim}")
         if block not in BLOCKS or len(depths) != len(widths) or not depths:
             raise ValueError(f"SparseResNet: block in {tuple(BLOCKS)}, depths and widths of one length; "
                              f"got {block!r}, {depths}, {widths}")
+        rates = _drop_path_rates(drop_path, sum(depths), "SparseResNet")
         cls = BLOCKS[block]
-        self.stem = Stem(in_channels, widths[0], stem_stride, dim, norm)
+        self.stem = ResNetStem(in_channels, widths[0], dim, norm) if stem == "resnet" else \
+            PatchifyStem(in_channels, widths[0], stem_stride, dim, norm)
         self.downs, self.stages, self.channels = nn.ModuleList(), nn.ModuleList(), []
         cin = widths[0]
         for i, (depth, width) in enumerate(zip(depths, widths)):
-            if i > 0:
-                self.downs.append(make_down(cin, cin, 2, dim))
+            if i > 0 and stem == "patchify":
+                self.downs.append(make_down(cin, cin, 2, dim, bias=False))  # a conv follows: no bias needed
             blocks = []
-            for _ in range(depth):
-                blocks.append(cls(cin, width, dim, norm))
+            for j in range(depth):
+                stride = 2 if stem == "resnet" and i > 0 and j == 0 else 1
+                blocks.append(cls(cin, width, dim, norm, stride=stride, drop_path=rates.pop(0)))
                 cin = width * cls.expansion
             self.stages.append(nn.ModuleList(blocks))
             self.channels.append(cin)
@@ -116,20 +147,25 @@ class _NormDown(nn.Module):
 
 
 class SparseConvNeXt(_StagedEncoder):
-    """ConvNeXt-style sparse encoder: depthwise 7^d submanifold convs and channel LayerNorm."""
+    """ConvNeXt-style sparse encoder: depthwise 7^d submanifold convs and channel LayerNorm; ``drop_path`` as
+    :class:`SparseResNet`'s."""
 
     def __init__(self, dim: int = 2, in_channels: int = 1, depths: Sequence[int] = (2, 2, 6, 2),
-                 widths: Sequence[int] = (48, 96, 192, 384), stem_stride: int = 4, kernel: int = 7):
-        super().__init__(stem_stride)
-        self.stem = Stem(in_channels, widths[0], stem_stride, dim, "layer")
+                 widths: Sequence[int] = (48, 96, 192, 384), stem_stride: int = 4, kernel: int = 7,
+                 drop_path: float = 0.0):
+        super().__init__(stem_stride, "layer")
+        rates = _drop_path_rates(drop_path, sum(depths), "SparseConvNeXt")
+        self.stem = PatchifyStem(in_channels, widths[0], stem_stride, dim, "layer")
         self.downs = nn.ModuleList(_NormDown(widths[i - 1], widths[i], dim, "layer") for i in range(1, len(widths)))
         self.stages = nn.ModuleList(
-            nn.ModuleList(ConvNeXtBlock(w, w, dim, "layer", kernel) for _ in range(d)) for d, w in zip(depths, widths))
+            nn.ModuleList(ConvNeXtBlock(w, w, dim, "layer", kernel, drop_path=rates.pop(0)) for _ in range(d))
+            for d, w in zip(depths, widths))
         self.channels = list(widths)
 
 
 # Modules that take a SparseTensor: the encoder's own blocks and tcm_kernels' layers.
-_COMPACT_READY = (_StagedEncoder, nn.ModuleList, Stem, _NormDown, ConvNormAct, BasicBlock, Bottleneck, ConvNeXtBlock,
+_COMPACT_READY = (_StagedEncoder, nn.ModuleList, PatchifyStem, ResNetStem, nn.Conv2d, nn.Conv3d, SparseMaxPool,
+                  SparseStridedConv, _NormDown, ConvNormAct, BasicBlock, Bottleneck, ConvNeXtBlock,
                   tnn.SubMConv2d, tnn.SubMConv3d, tnn.SparseDownsample2d, tnn.SparseDownsample3d,
                   tnn.SparseBatchNorm2d, tnn.SparseBatchNorm3d, tnn.SparseSyncBatchNorm, tnn.SparseInstanceNorm2d,
                   tnn.SparseInstanceNorm3d, tnn.SparseGroupNorm, tnn.SparseLayerNorm)
@@ -138,8 +174,9 @@ _CONFIGS = {
     "resnet18": dict(block="basic", depths=(2, 2, 2, 2), widths=(64, 128, 256, 512)),
     "resnet50": dict(block="bottleneck", depths=(3, 4, 6, 3), widths=(64, 128, 256, 512)),
     "resnet_tiny": dict(block="basic", depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)),
-    "resnet3d": dict(block="basic", depths=(1, 1, 2, 2), widths=(32, 64, 128, 256), norm="instance"),
-    "resnet3d_tiny": dict(block="basic", depths=(1, 1, 1), widths=(8, 16, 32), norm="instance", stem_stride=2),
+    "resnet3d": dict(block="basic", depths=(1, 1, 2, 2), widths=(32, 64, 128, 256), norm="instance", stem="patchify"),
+    "resnet3d_tiny": dict(block="basic", depths=(1, 1, 1), widths=(8, 16, 32), norm="instance", stem="patchify",
+                          stem_stride=2),
 }
 _CONVNEXT = {
     "convnext_tiny": dict(depths=(1, 1, 2, 1), widths=(16, 32, 64, 128)),
@@ -155,7 +192,7 @@ def encoder_patch_size(name: str) -> int:
     spec = {**_CONFIGS, **_CONVNEXT}.get(name)
     if spec is None:
         raise ValueError(f"encoder_patch_size: name must be one of {list(ENCODERS)}, got {name!r}")
-    return spec.get("stem_stride", 4) * 2 ** (len(spec["depths"]) - 1)
+    return spec.get("stem_stride", 4) * 2 ** (len(spec["depths"]) - 1)  # the ResNet stem's stride is 4
 
 
 def build_encoder(name: str, dim: int = 2, in_channels: int = 1, **overrides) -> _StagedEncoder:

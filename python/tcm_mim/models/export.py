@@ -15,6 +15,8 @@ from torch import nn
 
 import tcm_kernels.nn as tnn
 
+from .layers import SparseMaxPool, SparseStridedConv
+
 
 class _MaskFree(nn.Module):
     """Wraps a plain torch layer so it accepts (and ignores) the encoder's mask argument."""
@@ -40,8 +42,9 @@ class ChannelLayerNorm(nn.Module):
 
 
 def _conv_like(src: nn.Module, dim: int, **kw) -> nn.Module:
+    bias = getattr(src, "bias", None) is not None
     conv = (nn.Conv2d if dim == 2 else nn.Conv3d)(src.weight.shape[1] * kw.get("groups", 1), src.weight.shape[0],
-                                                 tuple(src.weight.shape[2:]), bias=src.bias is not None, **kw)
+                                                 tuple(src.weight.shape[2:]), bias=bias, **kw)
     conv.load_state_dict({k: v for k, v in src.state_dict().items() if k in ("weight", "bias")})
     return conv
 
@@ -55,6 +58,11 @@ def _dense_twin(m: nn.Module) -> nn.Module | None:
     if isinstance(m, (tnn.SparseDownsample2d, tnn.SparseDownsample3d)):
         dim = m.weight.dim() - 2
         return _MaskFree(_conv_like(m, dim, stride=m.weight.shape[2]), returns_mask=True)
+    if isinstance(m, SparseStridedConv):
+        return _MaskFree(_conv_like(m, m.dim, stride=m.stride, padding=m.kernel // 2), returns_mask=True)
+    if isinstance(m, SparseMaxPool):
+        pool = nn.MaxPool2d if m.dim == 2 else nn.MaxPool3d
+        return _MaskFree(pool(m.kernel, m.stride, m.kernel // 2), returns_mask=True)
     if isinstance(m, (tnn.SparseBatchNorm2d, tnn.SparseBatchNorm3d)):
         bn = (nn.BatchNorm2d if isinstance(m, tnn.SparseBatchNorm2d) else nn.BatchNorm3d)(
             m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
@@ -98,3 +106,37 @@ def export_dense(encoder: nn.Module) -> DenseEncoder:
     dense = copy.deepcopy(encoder)
     _swap(dense)
     return DenseEncoder(dense).train(encoder.training)
+
+
+# Our module names -> torchvision's / timm's ResNet names (both use the same ones).
+_RESNET_NAMES = {"a.conv": "conv1", "a.norm": "bn1", "b.conv": "conv2", "b.norm": "bn2", "c.conv": "conv3",
+                 "c.norm": "bn3", "shortcut.conv": "downsample.0", "shortcut.norm": "downsample.1"}
+
+
+def export_resnet_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a standard 2-D sparse ResNet (``build_encoder("resnet18" | "resnet50" | ...)``, batch norm)
+    under torchvision's / timm's ResNet names: ``conv1``, ``bn1``, ``layer{1-4}.{j}.conv1 / bn1 / ... /
+    downsample.{0,1}``, running statistics included.
+
+    It loads with ``strict=True`` into ``timm.create_model("resnet50", in_chans=C, num_classes=0)`` and into
+    torchvision's ``resnet50()`` once its ``fc`` is replaced by ``nn.Identity()`` (no classifier is
+    pretrained) and, for C != 3, its ``conv1`` by a C-channel one. Tensors are detached copies.
+    """
+    from .encoders import SparseResNet
+    from .layers import ResNetStem
+
+    if not (isinstance(encoder, SparseResNet) and isinstance(encoder.stem, ResNetStem)
+            and isinstance(encoder.stem.norm, tnn.SparseBatchNorm2d)):
+        raise ValueError("export_resnet_state_dict: encoder must be a 2-D SparseResNet with the ResNet stem and batch "
+                         f"norm (resnet18, resnet50, resnet_tiny), got {type(encoder).__name__} with stem "
+                         f"{type(getattr(encoder, 'stem', None)).__name__}")
+    out = {}
+    for name, value in encoder.state_dict().items():
+        if name.startswith("stem."):
+            part, _, leaf = name[len("stem."):].partition(".")
+            out[f"{ {'conv': 'conv1', 'norm': 'bn1'}[part] }.{leaf}"] = value.detach().clone()
+            continue
+        _, stage, block, rest = name.split(".", 3)  # stages.{i}.{j}.{a.conv.weight}
+        layer, _, leaf = rest.rpartition(".")
+        out[f"layer{int(stage) + 1}.{block}.{_RESNET_NAMES[layer]}.{leaf}"] = value.detach().clone()
+    return out

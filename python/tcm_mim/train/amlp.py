@@ -6,8 +6,10 @@ two losses are here. We could not consult the paper's equations, so the definiti
 our reading of its description, written out so that they can be checked:
 
 * **Attention (relative) reconstruction loss**: every masked patch's reconstruction error is
-  weighted by ``1 + e_p / mean(e over the masked patches)`` (the weight is not differentiated),
-  so patches that are hard to reconstruct, likely lesions, count more.
+  weighted by ``1 + e_p / mean(e over the masked patches of its image)`` (the weight is not
+  differentiated), so patches that are hard to reconstruct *within their image*, likely lesions,
+  count more; per image, so that an image that is hard overall (another scanner, noise) does not
+  take the weight from the lesions of the others.
 * **Category consistency loss (CCL)**, "refines patch categorization based on reconstruction
   difficulty, strengthening the distinction between lesions and background":
   a linear head on the encoder's deepest per-patch features predicts one logit per patch,
@@ -30,7 +32,7 @@ import torch
 
 
 def attention_recon_loss(per_patch: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Masked patches' loss weighted by ``1 + e_p / mean(e)`` (hard patches count more).
+    """Masked patches' loss weighted by ``1 + e_p / mean(e of its image's masked patches)``.
 
     Args:
         per_patch: float [B, N] reconstruction error of every patch.
@@ -41,7 +43,8 @@ def attention_recon_loss(per_patch: torch.Tensor, visible: torch.Tensor) -> torc
     """
     masked = (~visible).to(per_patch.dtype)
     difficulty = per_patch.detach() * masked
-    weight = 1 + difficulty / difficulty.sum().div(masked.sum()).clamp_min(1e-12)
+    image_mean = difficulty.sum(1, keepdim=True) / masked.sum(1, keepdim=True).clamp_min(1)
+    weight = 1 + difficulty / image_mean.clamp_min(1e-12)
     return (weight * per_patch * masked).sum() / (weight * masked).sum()
 
 

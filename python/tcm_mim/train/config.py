@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..models.encoders import ENCODERS, encoder_patch_size
+from ..models.spark import DECODERS
 from .methods import method_class, method_names
 
 METHODS = method_names()  # every module of tcm_mim/train/methods/ registers one
@@ -110,7 +111,12 @@ class PretrainConfig:
     dim: int | None = _key(None, "2 (slices) or 3 (volumes); null: 3 for an encoder named *3d*, else 2",
                            allowed="2, 3 or null (inferred from the encoder)", check=lambda v: v in (2, 3),
                            resume=FIXED)
-    decoder_width: int = _key(64, "channels of the light decoder", bounds=AT_LEAST_1, resume=FIXED)
+    decoder_width: int = _key(64, "channels of the decoder at its deepest scale (SparK's decoder: 768)",
+                              bounds=AT_LEAST_1, resume=FIXED)
+    decoder: str = _key("light", "light: this package's small U-Net decoder; spark: SparK's (k4/s2 up, "
+                                 "conv3-BN-ReLU6-conv3-BN; docs/methods.md)", choices=DECODERS, resume=FIXED)
+    drop_path: float = _key(0.0, "stochastic depth of the encoder's last block, linear from 0 (SparK's ResNet-50: "
+                                 "0.05)", bounds=Bounds(0, 1, hi_open=True))
     image_size: int = _key(128, "side of the square (2-D) or cubic (3-D) crops, a multiple of the encoder's "
                                 "patch size", bounds=AT_LEAST_1)
     # what pretraining holds out for evaluation (tcm_mim.data.split)
@@ -127,6 +133,13 @@ class PretrainConfig:
     roi_mask_ratio: float = _key(0.7, "tcm: share of ROI patches masked (background takes the rest of the budget)",
                                  bounds=UNIT)
     roi_threshold: float = _key(0.5, "tcm: patch score above which a patch counts as ROI", bounds=UNIT)
+    tcm_masking: str = _key("overall", "tcm: overall = mask_ratio of all patches, roi_mask_ratio of them on ROI; "
+                                       "region_ratios = fixed shares of each region (the authors' code)",
+                            choices=("overall", "region_ratios"))
+    region_roi_ratio: float = _key(0.8, "tcm region_ratios: share of ROI patches masked (ROI: any saliency >= "
+                                        "roi_threshold in the patch)", bounds=UNIT)
+    region_background_ratio: float = _key(0.4, "tcm region_ratios: share of background patches masked",
+                                          bounds=UNIT)
     hard_fraction_max: float = _key(0.5, "anatomask: curriculum ends at this share of the budget from hard patches",
                                     bounds=UNIT)
     amlp_ratio_start: float = _key(0.4, "amlp: masking ratio at the first step", bounds=OPEN_UNIT)
@@ -138,7 +151,11 @@ class PretrainConfig:
     # losses
     contrastive_weight: float = _key(0.1, "tcm: weight of InfoNCE between the two masked views", bounds=AT_LEAST_0)
     temperature: float = _key(0.2, "tcm: InfoNCE temperature", bounds=POSITIVE)
-    ema: float = _key(0.99, "anatomask: momentum of the EMA teacher", bounds=Bounds(0, 1, hi_open=True))
+    ema: float = _key(0.99, "anatomask: momentum of the EMA teacher (the ramp's start when ema_end is set)",
+                      bounds=Bounds(0, 1, hi_open=True))
+    ema_end: float | None = _key(None, "anatomask: momentum reached, linearly from ema, at a quarter of the steps "
+                                       "(the authors': 0.999 -> 0.9999); null: ema throughout",
+                                 bounds=Bounds(0, 1, hi_open=True))
     # optimisation
     steps: int = _key(200, "optimiser steps of the whole run (may grow on --resume)", bounds=AT_LEAST_1,
                       resume=GROW)
@@ -189,12 +206,18 @@ class PretrainConfig:
                               f"guidance), got []")
         if any(not p.strip() for p in self.prompts):
             raise ConfigError(f"config: prompts must not contain empty text, got {self.prompts!r}")
+        if self.method == "amlp" and self.mask_ratio is not None:
+            raise ConfigError(f"config: mask_ratio is not used by method amlp (its ratio ramps from amlp_ratio_start "
+                              f"to amlp_ratio_end), got {self.mask_ratio}; set amlp_ratio_end instead")
         if self.localizer == "atlas" and self.atlas is None and self.dataset not in ATLASES:
             raise ConfigError(f"config: localizer=atlas needs atlas=brain_mri or atlas=chest_ct for dataset "
                               f"{self.dataset!r}")
         if self.localizer == "clipseg" and not self.clipseg_checkpoint:
             raise ConfigError("config: localizer=clipseg needs clipseg_checkpoint=DIR (a local CLIPSeg checkpoint)")
         patch = encoder_patch_size(self.encoder)
+        if self.decoder == "spark" and self.decoder_width < patch:
+            raise ConfigError(f"config: decoder_width must be at least the patch size {patch} for decoder spark (its "
+                              f"width halves once per 2x up to the image), got {self.decoder_width}")
         if self.image_size % patch:
             raise ConfigError(f"config: image_size {self.image_size} must be a multiple of the encoder's patch size "
                               f"{patch} (encoder {self.encoder!r})")
@@ -209,6 +232,14 @@ class PretrainConfig:
     def ratio_at(self, step: int) -> float:
         """The overall masking ratio at ``step``: the method's rule (``Method.ratio_at``)."""
         return method_class(self.method).ratio_at(self, step)
+
+    def ema_at(self, step: int) -> float:
+        """AnatoMask's teacher momentum after optimiser step ``step``: ``ema``, or the linear ramp from ``ema``
+        to ``ema_end`` over the first quarter of ``steps`` (the authors' schedule), then ``ema_end``."""
+        if self.ema_end is None:
+            return self.ema
+        t = min(step / max(0.25 * self.steps, 1), 1.0)
+        return self.ema + t * (self.ema_end - self.ema)
 
     def hard_fraction_at(self, step: int) -> float:
         """AnatoMask's curriculum: the hard share of the budget grows linearly to ``hard_fraction_max``."""

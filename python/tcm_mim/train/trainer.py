@@ -34,19 +34,22 @@ from ..data import EMBEDDED, PreparedCorpus, embedded_corpus, prepare_corpus
 from ..data.prepare import ensure_saliency
 from ..data.split import SPLIT_FILE, SplitManifest, embedded_split, split_by_scan
 from ..errors import RunWarning, UserError
-from ..models import SparKMIM, build_encoder, set_backend
+from ..models import SparKMIM, build_encoder, param_groups, set_backend, sync_decoder_norms
 from . import checkpoint
 from .config import ConfigError, PretrainConfig, resume_changes
 from .device import resolve_device, resolve_precision
 from .loader import build_loader
 from .methods import Method, method_class
 from .stream import SliceStream, VolumeStream
+from .teacher import eval_mode
 
 log = logging.getLogger("tcm_mim.train")
 
 # Every method logs every loss column (zero where a term does not apply), so runs line up.
 LOSS_TERMS = ("loss", "recon", "contrastive", "ccl")
-CSV_FIELDS = ("step", *LOSS_TERMS, "grad_norm", "lr", "mask_ratio", "images_per_s")
+# Realised shares of masked patches (overall, ROI, background) of the methods that report them (tcm); empty else.
+MASK_SHARES = ("masked", "roi_masked", "bg_masked")
+CSV_FIELDS = ("step", *LOSS_TERMS, "grad_norm", "lr", "mask_ratio", *MASK_SHARES, "images_per_s")
 
 
 class NonFiniteError(UserError):
@@ -146,13 +149,14 @@ class Trainer:
         if self.rank == 0:  # what pretraining held out and read, beside its checkpoint, for tcm-eval to check
             dataclasses.replace(self.split, pretrained_on=sorted(r["digest"] for r in corpus.rows)).save(
                 self.out / SPLIT_FILE)
-        self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1), dim=self.dim, in_channels=1,
-                              decoder_width=cfg.decoder_width)
+        self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1, drop_path=cfg.drop_path),
+                              dim=self.dim, in_channels=1, decoder_width=cfg.decoder_width, decoder=cfg.decoder)
         set_backend(self.model, cfg.backend)
         if self.world > 1:  # statistics of the sparse batch norms over all ranks' active sites
             for m in self.model.modules():
                 if hasattr(m, "sync"):
                     m.sync = True
+            sync_decoder_norms(self.model, self.device)  # SparK's sbn (GPU devices: torch's SyncBatchNorm)
         self.model.to(self.device)
         self.grid = (cfg.image_size // self.model.patch_size,) * self.dim
         # DDP averages the gradients of the ranks; the unwrapped model serves no-grad passes and checkpoints.
@@ -164,7 +168,9 @@ class Trainer:
                              split=self.split)
         self.data_wait_s = 0.0  # time train() spent waiting for batches (the loader's share of the steps)
         self.params = [*self.model.parameters(), *self.method.heads.parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # SparK's groups: weight decay on weights, none on mask tokens, norms and biases (decayed group first).
+        named = [*self.model.named_parameters(), *self.method.heads.named_parameters()]
+        self.optimizer = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # fp16 needs a loss scale (its range ends at 65504); disabled, the scaler is the identity.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -229,21 +235,16 @@ class Trainer:
     def num_patches(self) -> int:
         return math.prod(self.grid)
 
-    def per_patch_difficulty(self, model: nn.Module, images: torch.Tensor, draw: int, *,
-                             complementary: bool = False) -> torch.Tensor:
-        """Per-patch loss of ``model`` on a uniform mask: the score AnatoMask and AMLP select by.
-
-        ``complementary``: also run the complementary mask, so that every patch's value is its
-        loss when masked (one no-grad pass over twice the batch); else the patches the probe
-        kept score their (small) loss when visible. float32 [B, N] on the images' device.
+    def per_patch_difficulty(self, model: nn.Module, images: torch.Tensor, draw: int) -> torch.Tensor:
+        """Each patch's loss when masked (AMLP's difficulty): a uniform 50 % probe and its complement in one
+        no-grad pass over twice the batch, ``model`` in eval mode (:func:`~tcm_mim.train.teacher.eval_mode`:
+        running statistics used, not moved, by the probe batch). float32 [B, N] on the images' device.
         """
         b = images.shape[0]
         probe = self.mask(torch.zeros(b, self.num_patches, device=images.device), "uniform", 0.5, 2 * draw + 1)
-        with torch.no_grad():
-            if not complementary:
-                return model(images, probe).per_patch.float().clamp_min(0)
+        with torch.no_grad(), eval_mode(model):
             both = model(torch.cat([images, images]), torch.cat([probe, ~probe])).per_patch.float().clamp_min(0)
-            return torch.where(probe, both[b:], both[:b])
+        return torch.where(probe, both[b:], both[:b])
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned host memory: the copy runs asynchronously
@@ -302,8 +303,9 @@ class Trainer:
         # an unchanged run, and what an explicitly changed lr / weight_decay / schedule must become.
         self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
-            group["initial_lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+            group["initial_lr"] = self.cfg.lr
             group["lr"] = self.cfg.lr * self._lr_factor(self.scheduler.last_epoch)
+        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay  # the exempt group keeps 0
 
     def save_checkpoint(self) -> pathlib.Path:
         """Write ``checkpoint.pt`` (rank 0) with its digest; refused, keeping the last one, if a tensor is
@@ -373,7 +375,8 @@ class Trainer:
             with self._no_sync() if k < accum - 1 else contextlib.nullcontext():
                 losses = self.compute_loss(self.step, self.step * accum + k, batches)
                 self.scaler.scale(losses["loss"] / accum).backward()
-            terms = torch.stack([losses[t].detach().float() for t in LOSS_TERMS])
+            logged = (*LOSS_TERMS, *(m for m in MASK_SHARES if m in losses))
+            terms = torch.stack([losses[t].detach().float() for t in logged])
             total = terms if total is None else total + terms
         self.scaler.unscale_(self.optimizer)  # true gradients for the norm and the clipping (fp16)
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -382,7 +385,7 @@ class Trainer:
         else:
             norm = nn.utils.get_total_norm(grads)
         stats = torch.cat([total / accum, norm.float().reshape(1).to(total.device)]).tolist()
-        values = dict(zip((*LOSS_TERMS, "grad_norm"), stats))
+        values = dict(zip((*logged, "grad_norm"), stats))
         bad = [t for t in LOSS_TERMS[1:] if not math.isfinite(values[t])]
         if not math.isfinite(values["loss"]) and not bad:
             bad = ["loss"]

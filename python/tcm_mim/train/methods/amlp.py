@@ -46,7 +46,7 @@ class AMLP(Method):
         from ...localize import ClusterGuide
 
         t = self.trainer
-        difficulty = t.per_patch_difficulty(t.model, images, draw, complementary=True)
+        difficulty = t.per_patch_difficulty(t.model, images, draw)
         host_images, host_difficulty = images.float().cpu(), difficulty.cpu()
         scores, lesion = [], []
         for i in range(images.shape[0]):
