@@ -209,7 +209,7 @@ def test_pretrain_tcm_on_unlabelled_volumes(small_brain, tmp_path, monkeypatch):
     from tcm_mim.train import PretrainConfig, Trainer
 
     monkeypatch.setattr(tcm_mim.localize, "AtlasLocalizer", _FastAtlasLocalizer)
-    folder = _unlabelled_folder(small_brain, tmp_path, 2)
+    folder = _unlabelled_folder(small_brain, tmp_path, 3)  # one is held out for evaluation (test_fraction)
     cfg = PretrainConfig(method="tcm", localizer="atlas", atlas="brain_mri", dataset=str(folder),
                          prompts=["left hippocampus"], encoder="resnet_tiny", decoder_width=16, image_size=32,
                          batch_size=2, steps=2, warmup_steps=1, checkpoint_every=2, image_every=0,

@@ -10,22 +10,24 @@ import torch
 
 from tcm_mim.eval import brain_lobe_task, chest_organ_task, evaluate_encoder
 from tcm_mim.eval.report import main as eval_main
-from tcm_mim.eval.tasks import GUARD, _split
+from tcm_mim.data.split import GUARD, block_slices
+from tcm_mim.eval.tasks import _split
 from tcm_mim.models import build_encoder
 
 
 def test_split_keeps_test_block_and_guard_out_of_training():
     labelled = torch.zeros(100, dtype=torch.bool)
     labelled[10:90] = True
-    train, test = _split(labelled.numpy())
+    train, test = block_slices(100, [(40, 60)], labelled.numpy())
     assert test == list(range(40, 60))
     assert not set(train) & set(range(40 - GUARD, 60 + GUARD))
     assert set(train) == set(range(10, 40 - GUARD)) | set(range(60 + GUARD, 90))
+    assert _split(labelled.numpy()) == (train, test)  # the middle quarter of the labelled slices
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    return {"chest": chest_organ_task(size=160), "brain": brain_lobe_task(per_slice=4)}
+    return {"chest": chest_organ_task(size=160), "brain": brain_lobe_task(per_class=8)}
 
 
 def test_tasks_are_well_formed(tasks):
@@ -35,7 +37,7 @@ def test_tasks_are_well_formed(tasks):
     assert int(chest.test_targets.max()) < len(chest.classes)
     assert brain.kind == "classification" and len(brain.classes) == 5
     assert brain.train_targets.min() >= 0 and brain.train_targets.max() < 5
-    assert len(brain.test_images) > 0 and len(brain.train_images) > len(brain.test_images)
+    assert len(brain.test_images) > 0
 
 
 @pytest.mark.parametrize("mode", ["probe", "finetune"])
@@ -52,9 +54,15 @@ def test_evaluate_encoder_runs(tasks, mode):
 def test_report_cli_tiny(tmp_path):
     assert eval_main(["--methods", "random", "spark", "--seeds", "0", "1", "--steps", "1", "--probe-steps", "2",
                       "--finetune-steps", "1", "--out", str(tmp_path), "--no-progress", "encoder=resnet_tiny",
-                      "image_size=64", "batch_size=2", "decoder_width=16", "warmup_steps=1"]) == 0
+                      "image_size=64", "batch_size=2", "decoder_width=16", "warmup_steps=1", "--curve-every", "1"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "| random |" in report and "| spark |" in report and (tmp_path / "report.png").exists()
+    assert "Paired differences to `random`" in report and "| spark | chest organs, probe (Dice) |" in report
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
+    probe = curves["spark"][1]["chest organs, probe (Dice)"]
+    assert [step for step, _ in probe] == [1, 2] and (tmp_path / "curves.png").exists()
+    assert probe[-1][1] == results["spark"][1]["chest organs, probe (Dice)"]  # the curve ends at the score
 
 
 def test_report_reuses_finished_runs_only_for_the_same_config(tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_ema_update_follows_parameters_and_running_stats():
 # ---------------------------------------------------------------- through the trainer (tiny runs)
 
 TINY = dict(encoder="resnet_tiny", decoder_width=16, image_size=64, batch_size=2, steps=4, warmup_steps=1,
-            checkpoint_every=4, image_every=0, dataset="chest_ct", prompts=["heart"], num_workers=0)
+            checkpoint_every=4, image_every=0, dataset="chest_ct", prompts=["trachea"], num_workers=0)
 
 
 def _trainer(tmp_path, method, **kw):

@@ -16,10 +16,10 @@ from tcm_mim.train.cli import main
 from tcm_mim.train.stream import VolumeStream
 
 TINY = dict(encoder="resnet_tiny", decoder_width=16, image_size=64, batch_size=2, steps=4, warmup_steps=2,
-            checkpoint_every=2, image_every=0, dataset="chest_ct", prompts=["heart"])  # one saliency to compute
+            checkpoint_every=2, image_every=0, dataset="chest_ct", prompts=["trachea"])  # one saliency; not scored
 # resnet3d_tiny has 8-voxel patches: 24^3 crops are 3^3 = 27 patches, a step takes well under a second.
 TINY3D = dict(encoder="resnet3d_tiny", decoder_width=8, image_size=24, batch_size=2, steps=4, warmup_steps=1,
-              checkpoint_every=2, image_every=0, dataset="chest_ct", prompts=["heart"])
+              checkpoint_every=2, image_every=0, dataset="chest_ct", prompts=["trachea"])
 
 
 def _losses(out_dir) -> list[tuple[int, str]]:

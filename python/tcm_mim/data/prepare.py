@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -448,11 +448,13 @@ def write_manifest(out: Path, rows: list[dict], settings: PrepareSettings, *, fa
     return out / MANIFEST
 
 
-def ensure_saliency(out: str | os.PathLike, prompts: Sequence[str], localizer) -> list[str]:
+def ensure_saliency(out: str | os.PathLike, prompts: Sequence[str], localizer,
+                    only: Collection[str] | None = None) -> list[str]:
     """Store the saliency of every labelled scan of the corpus ``out`` for ``prompts`` where it is missing.
 
     What the trainer runs before it reads a corpus prepared without these prompts (or this
     localizer); later runs find it stored. Rewrites the manifest; returns the warnings.
+    ``only``: the row ids to consider (the scans a run reads: held-out test scans are left alone).
 
     Raises:
         UserError (a ValueError): a prompt got no saliency on any scan (the localizer's reasons are in the message).
@@ -462,13 +464,17 @@ def ensure_saliency(out: str | os.PathLike, prompts: Sequence[str], localizer) -
     key = getattr(localizer, "cache_key", type(localizer).__qualname__)
     rows, warnings = [], []
     for row in manifest["scans"]:
+        if only is not None and row["id"] not in only:
+            rows.append(row)
+            continue
         if row["labels"] is not None or not _label_based(localizer):
             row, new = add_saliency(out, row, prompts, localizer)
             warnings += new
         rows.append(row)
     if rows != manifest["scans"]:
         _atomic_json({**manifest, "scans": rows}, out / MANIFEST)
-    placed = {s["prompt"] for row in rows for s in row["saliency"] if s["localizer"] == key}
+    placed = {s["prompt"] for row in rows if only is None or row["id"] in only
+              for s in row["saliency"] if s["localizer"] == key}
     unplaced = [p for p in prompts if p not in placed]
     if unplaced:
         raise UserError(f"no scan of {out} has saliency for the prompt(s) {unplaced}: " + "; ".join(warnings[:3]))

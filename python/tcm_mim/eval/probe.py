@@ -58,8 +58,21 @@ def _metric(logits: torch.Tensor, target: torch.Tensor, task: Task) -> float:
 def evaluate_encoder(sparse_encoder: nn.Module, task: Task, *, mode: str = "probe", steps: int = 150,
                      batch_size: int = 8, lr: float | None = None, seed: int = 0) -> float:
     """Train a head (``probe``) or head + encoder (``finetune``) on the task's train split; return the test metric."""
+    return learning_curve(sparse_encoder, task, mode=mode, steps=steps, every=steps, batch_size=batch_size, lr=lr,
+                          seed=seed)[-1][1]
+
+
+def learning_curve(sparse_encoder: nn.Module, task: Task, *, mode: str = "probe", steps: int = 150,
+                   every: int = 25, batch_size: int = 8, lr: float | None = None,
+                   seed: int = 0) -> list[tuple[int, float]]:
+    """[(step, test metric)] every ``every`` steps (and at ``steps``) of one probe / fine-tune run: the curve a
+    step count is chosen from (the last point is what :func:`evaluate_encoder` returns)."""
     if mode not in ("probe", "finetune"):
         raise ValueError(f"evaluate_encoder: mode must be 'probe' or 'finetune', got {mode!r}")
+    if every < 1:
+        raise ValueError(f"learning_curve: every must be >= 1, got {every}")
+    at = {s for s in range(every, steps + 1, every)} | {steps}
+    curve = []
     torch.manual_seed(seed)
     encoder = export_dense(copy.deepcopy(sparse_encoder)).eval()
     model = _Head(encoder, list(sparse_encoder.channels), task, sparse_encoder.stem_stride)
@@ -70,25 +83,29 @@ def evaluate_encoder(sparse_encoder: nn.Module, task: Task, *, mode: str = "prob
             train_feats = torch.cat([model.features(x) for x in task.train_images.split(32)])
             test_feats = torch.cat([model.features(x) for x in task.test_images.split(32)])
         opt = torch.optim.Adam(model.fc.parameters(), lr=lr or 1e-2)
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             idx = torch.randint(len(train_feats), (min(batch_size * 4, len(train_feats)),), generator=gen)
             loss = F.cross_entropy(model.logits_from(train_feats[idx], size), task.train_targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-        with torch.no_grad():
-            logits = torch.cat([model.logits_from(f, size) for f in test_feats.split(32)])
-        return _metric(logits, task.test_targets, task)
-    encoder.train()
+            if step in at:
+                with torch.no_grad():
+                    logits = torch.cat([model.logits_from(f, size) for f in test_feats.split(32)])
+                curve.append((step, _metric(logits, task.test_targets, task)))
+        return curve
     opt = torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=0.01)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
+        model.train()
         idx = torch.randint(len(task.train_images), (min(batch_size, len(task.train_images)),), generator=gen)
         logits = model.logits_from(model.features(task.train_images[idx]), size)
         loss = F.cross_entropy(logits, task.train_targets[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model.logits_from(model.features(x), size) for x in task.test_images.split(16)])
-    return _metric(logits, task.test_targets, task)
+        if step in at:
+            model.eval()
+            with torch.no_grad():
+                logits = torch.cat([model.logits_from(model.features(x), size) for x in task.test_images.split(16)])
+            curve.append((step, _metric(logits, task.test_targets, task)))
+    return curve

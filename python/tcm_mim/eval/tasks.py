@@ -1,8 +1,8 @@
-"""Labelled downstream tasks built from the embedded volumes, split by slice range.
+"""Labelled downstream tasks: the embedded volumes (split by axial block) and a user's scans (split by scan).
 
-The test slices are one contiguous axial block (the middle quarter of the labelled
-slices) with a guard band of ``GUARD`` slices on each side left out of training, so
-no test anatomy, nor its immediate neighbour, is seen by the probe or fine-tuning.
+The embedded tasks take their test slices from the split manifest pretraining uses
+(:func:`tcm_mim.data.split.embedded_split`): held-out axial blocks with a guard band of
+``GUARD`` slices on each side that neither pretraining, the probe nor fine-tuning reads.
 """
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import load_embedded, normalize_intensity
+from ..data import Scan, load_embedded, normalize_intensity
+from ..data.split import GUARD, LOBES, ORGANS, SCORED, block_slices, class_map, embedded_split, middle_block
 
-GUARD = 3
-ORGANS = ("lung", "heart", "liver", "aorta", "vertebra")
-LOBES = {
-    "frontal": ("Frontal", "Precentral", "Rectus", "OFC", "Olfactory", "Supp_Motor"),
-    "temporal": ("Temporal", "Hippocampus", "ParaHippocampal", "Amygdala", "Fusiform", "Heschl"),
-    "parietal": ("Parietal", "Postcentral", "SupraMarginal", "Angular", "Precuneus"),
-    "occipital": ("Occipital", "Calcarine", "Cuneus", "Lingual"),
-    "cerebellum": ("Cerebellum", "Vermis"),
-}
-
+__all__ = ["GUARD", "LOBES", "ORGANS", "Task", "brain_lobe_task", "chest_organ_task", "chest_organ_volume",
+           "scan_task"]
 
 @dataclass
 class Task:
@@ -38,43 +31,37 @@ class Task:
     test_targets: torch.Tensor
 
 
-def _split(labelled: np.ndarray) -> tuple[list[int], list[int]]:
-    """(train, test) slice indices: test = the middle quarter of the labelled slices."""
-    idx = np.nonzero(labelled)[0]
-    lo, hi = idx[int(0.375 * len(idx))], idx[int(0.625 * len(idx))]
-    test = [int(k) for k in idx if lo <= k < hi]
-    train = [int(k) for k in idx if k < lo - GUARD or k >= hi + GUARD]
-    return train, test
-
-
 def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
     """Zero-pad (or centre-crop) the last two axes to ``size``."""
-    starts = [max(s - size, 0) // 2 for s in x.shape[-2:]]
+    starts = [max(d - size, 0) // 2 for d in x.shape[-2:]]
     x = x[..., starts[0]:starts[0] + size, starts[1]:starts[1] + size]
-    pads = [((size - s) // 2, size - s - (size - s) // 2) for s in x.shape[-2:]]
+    pads = [((size - d) // 2, size - d - (size - d) // 2) for d in x.shape[-2:]]
     return np.pad(x, [(0, 0)] * (x.ndim - 2) + pads)
 
 
-def _class_map(names: dict[int, str], groups: dict[str, tuple[str, ...]]) -> tuple[np.ndarray, tuple[str, ...]]:
-    classes = tuple(g for g in groups if any(any(k.lower() in n.lower() for k in groups[g]) for n in names.values()))
-    lut = np.zeros(max(names) + 1, dtype=np.int64)
-    for label_id, name in names.items():
-        for c, group in enumerate(classes, start=1):
-            if any(k.lower() in name.lower() for k in groups[group]):
-                lut[label_id] = c
-                break
-    return lut, classes
+def _split(labelled: np.ndarray) -> tuple[list[int], list[int]]:
+    """(train, test) labelled slice indices of one volume (``labelled`` bool [D]) split by block: the middle
+    quarter with guard bands, the rule of :mod:`tcm_mim.data.split` (tcm-finetune splits a lone volume so)."""
+    return block_slices(len(labelled), [middle_block(labelled)], labelled)
+
+
+def _embedded(name: str):
+    """(scan, class lookup, class names, train slices, test slices) of an embedded volume, split as pretraining."""
+    scan = load_embedded(name)[0]
+    lut, classes = class_map(scan.label_names, SCORED[name])
+    manifest = embedded_split(name, f"{name}/embedded", scan.label_map, scan.label_names)
+    target = lut[scan.label_map.astype(np.int64)]
+    labelled = target.reshape(target.shape[0], -1).max(1) > 0
+    train, test = block_slices(target.shape[0], manifest.blocks[f"{name}/embedded"], labelled, manifest.guard)
+    return scan, target, classes, train, test
 
 
 def chest_organ_volume(size: int = 160) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list[int], list[int]]:
     """The chest CT as (image float32 [D, size, size] in [0, 1], organ classes int64 [D, size, size],
     class names with background first, train slice indices, test slice indices (held-out axial block))."""
-    scan = load_embedded("chest_ct")[0]
-    lut, classes = _class_map(scan.label_names, {o: (o,) for o in ORGANS})
+    scan, target, classes, train, test = _embedded("chest_ct")
     volume = _pad_to(normalize_intensity(scan.image, "CT"), size)
-    target = _pad_to(lut[scan.label_map.astype(np.int64)], size)
-    train, test = _split(target.reshape(target.shape[0], -1).max(1) > 0)
-    return volume, target, ("background", *classes), train, test
+    return volume, _pad_to(target, size), ("background", *classes), train, test
 
 
 def chest_organ_task(size: int = 160) -> Task:
@@ -87,27 +74,97 @@ def chest_organ_task(size: int = 160) -> Task:
     return Task("chest_ct organ segmentation", "segmentation", classes, *take(train), *take(test))
 
 
-def brain_lobe_task(crop: int = 32, per_slice: int = 24, seed: int = 0) -> Task:
-    """Crops of axial brain-MRI slices classified by the lobe of their centre voxel (AAL3 groups)."""
-    scan = load_embedded("brain_mri")[0]
-    lut, classes = _class_map(scan.label_names, LOBES)
+def stratified_points(classes: np.ndarray, slices: list[int], per_class: int, rng: np.random.Generator
+                      ) -> list[tuple[int, int, int]]:
+    """``per_class`` (slice, y, x) points of every class c >= 1 in ``classes`` [D, H, W] restricted to ``slices``
+    (fewer where a class has fewer voxels there): equal counts, so every split built this way has one class mix."""
+    points = []
+    sub = classes[slices]
+    for c in range(1, int(classes.max()) + 1):
+        ks, ys, xs = np.nonzero(sub == c)
+        for j in rng.choice(len(ks), size=min(per_class, len(ks)), replace=False):
+            points.append((slices[ks[j]], int(ys[j]), int(xs[j])))
+    return points
+
+
+def brain_lobe_task(crop: int = 32, per_class: int = 96, seed: int = 0) -> Task:
+    """Crops of axial brain-MRI slices classified by the lobe of their centre voxel (AAL3 groups).
+
+    Train and test crops come from the interleaved axial blocks of the brain's split manifest (every
+    lobe has slices on both sides) and are stratified: ``per_class`` crops of every lobe in each, so
+    train and test have the same class mix (chance accuracy 1 / classes).
+    """
+    scan, lobes, classes, train, test = _embedded("brain_mri")
     volume = normalize_intensity(scan.image, "MR")
-    lobes = lut[scan.label_map.astype(np.int64)]
-    train, test = _split(lobes.reshape(lobes.shape[0], -1).max(1) > 0)
     rng = np.random.default_rng(seed)
     half = crop // 2
     padded = np.pad(volume, ((0, 0), (half, half), (half, half)))
+    n = min(int(np.bincount((lobes[ks]).ravel(), minlength=len(classes) + 1)[1:].min()) for ks in (train, test))
+    per_class = min(per_class, n)
 
     def take(ks):
-        images, targets = [], []
-        for k in ks:
-            ys, xs = np.nonzero(lobes[k])
-            if len(ys) == 0:
-                continue
-            for j in rng.choice(len(ys), size=min(per_slice, len(ys)), replace=False):
-                y, x = ys[j], xs[j]
-                images.append(padded[k, y:y + crop, x:x + crop])
-                targets.append(lobes[k, y, x] - 1)
-        return torch.from_numpy(np.stack(images))[:, None].float(), torch.tensor(targets, dtype=torch.long)
+        points = stratified_points(lobes, ks, per_class, rng)
+        images = np.stack([padded[k, y:y + crop, x:x + crop] for k, y, x in points])
+        targets = [lobes[k, y, x] - 1 for k, y, x in points]
+        return torch.from_numpy(images)[:, None].float(), torch.tensor(targets, dtype=torch.long)
 
     return Task("brain_mri lobe classification", "classification", classes, *take(train), *take(test))
+
+
+def scan_task(scans: dict[str, Scan], train: list[str], test: list[str], kind: str, *, size: int = 128,
+              crop: int = 32, per_class: int = 96, seed: int = 0) -> Task:
+    """A 2-D task on a user's labelled scans, split by scan (``train`` / ``test``: scan keys, disjoint).
+
+    segmentation: every axial slice with a label (a 2-D image is its own slice), padded or centre-cropped
+    to ``size``, classes = background + every label id of the scans (contiguous, named by the label names).
+    classification: ``crop``-sided crops classified by the label of their centre voxel, ``per_class``
+    crops of every label from each side (stratified: one class mix).
+    """
+    if kind not in ("segmentation", "classification"):
+        raise ValueError(f"scan_task: kind must be 'segmentation' or 'classification', got {kind!r}")
+    shared = sorted(set(train) & set(test))
+    if shared:
+        raise ValueError(f"scan_task: train and test must not share a scan, got {shared}")
+    missing = [k for k in (*train, *test) if k not in scans or scans[k].label_map is None]
+    if missing:
+        raise ValueError(f"scan_task: scans {missing} are not in the dataset or have no label map")
+    ids = sorted({int(i) for k in (*train, *test) for i in np.unique(scans[k].label_map) if i > 0})
+    names = {}
+    for k in (*train, *test):
+        names.update({i: n for i, n in scans[k].label_names.items() if i in ids})
+    lut = np.zeros(max(ids, default=0) + 1, dtype=np.int64)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    classes = ("background", *(names.get(i, f"label {i}") for i in ids))
+
+    def volume(k: str) -> tuple[np.ndarray, np.ndarray]:
+        s = scans[k]
+        image, target = normalize_intensity(s.image, s.modality), lut[s.label_map.astype(np.int64)]
+        return (image, target) if image.ndim == 3 else (image[None], target[None])
+
+    rng = np.random.default_rng(seed)
+    if kind == "segmentation":
+        def take(keys):
+            images, targets = [], []
+            for k in keys:
+                image, target = volume(k)
+                ks = np.nonzero(target.reshape(target.shape[0], -1).max(1) > 0)[0]
+                images.append(_pad_to(image[ks], size))
+                targets.append(_pad_to(target[ks], size))
+            return torch.from_numpy(np.concatenate(images))[:, None].float(), \
+                torch.from_numpy(np.concatenate(targets)).long()
+
+        return Task("segmentation (by scan)", "segmentation", classes, *take(train), *take(test))
+
+    half = crop // 2
+
+    def take(keys):
+        images, targets = [], []
+        for k in keys:
+            image, target = volume(k)
+            padded = np.pad(image, ((0, 0), (half, half), (half, half)))
+            for d, y, x in stratified_points(target, list(range(target.shape[0])), per_class, rng):
+                images.append(padded[d, y:y + crop, x:x + crop])
+                targets.append(target[d, y, x] - 1)
+        return torch.from_numpy(np.stack(images))[:, None].float(), torch.tensor(targets, dtype=torch.long)
+
+    return Task("classification (by scan)", "classification", classes[1:], *take(train), *take(test))

@@ -96,8 +96,10 @@ class PretrainConfig:
                                     "<out_dir>/corpus first)")
     label_dir: str | None = _key(None, "folder datasets: label maps with the images' names (tcm needs them)")
     label_names: str | None = _key(None, 'folder datasets: text file of "id name" lines naming the labels')
-    prompts: list[str] = _key(help="tcm: the diagnostic text, one saliency per prompt (non-empty for tcm)",
-                              factory=lambda: ["left lung", "heart"])
+    # the embedded chest task scores lung, heart, liver, aorta and vertebra: TCM's guidance avoids them
+    prompts: list[str] = _key(help="tcm: the diagnostic text, one saliency per prompt (non-empty for tcm); on a "
+                                   "block-split scan none may select a class the evaluation scores",
+                              factory=lambda: ["trachea", "esophagus"])
     localizer: str = _key("label", "tcm: where the prompts' saliency comes from: label (the scans' label maps), atlas "
                                    "(a registered atlas: unlabelled 3-D scans) or clipseg (clipseg_checkpoint)",
                           choices=LOCALIZERS)
@@ -117,6 +119,14 @@ class PretrainConfig:
                                  "0.05)", bounds=Bounds(0, 1, hi_open=True))
     image_size: int = _key(128, "side of the square (2-D) or cubic (3-D) crops, a multiple of the encoder's "
                                 "patch size", bounds=AT_LEAST_1)
+    # what pretraining holds out for evaluation (tcm_mim.data.split)
+    split: str | None = _key(None, "split manifest (JSON, tcm_mim.data.split) of the held-out test scans/blocks "
+                                   "pretraining never reads; null: embedded data use their axial-block split, a "
+                                   "folder or corpus holds out test_fraction of its scans (split_seed)", resume=FIXED)
+    test_fraction: float = _key(0.2, "share of a folder's or corpus's scans held out for evaluation (split: null)",
+                                bounds=OPEN_UNIT, resume=FIXED)
+    split_seed: int = _key(0, "seed of the held-out scans (split: null); the same for every method and seed",
+                           bounds=AT_LEAST_0, resume=FIXED)
     # masking
     mask_ratio: float | None = _key(None, "share of patches masked; null: the method's default (spark/anatomask "
                                           "0.6, tcm 0.4, amlp ramps)", bounds=OPEN_UNIT)

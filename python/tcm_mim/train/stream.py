@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data import Augment, PreparedCorpus, Scan, crop_starts, normalize_intensity, read_crop
+from ..data.split import SplitManifest
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -31,6 +32,22 @@ def _training_range(length: int, slice_range: tuple[float, float]) -> tuple[int,
     """[lo, hi) indices of the first (superior-inferior) axis the stream may draw from."""
     lo, hi = int(slice_range[0] * length), max(int(slice_range[1] * length), 1)
     return lo, max(hi, lo + 1)
+
+
+def _allowed(stream: _CropStream, slice_range: tuple[float, float]) -> list[list[tuple[int, int]]]:
+    """Per scan, the [lo, hi) ranges of its first axis the stream may read: ``slice_range``, or with a
+    split manifest the slices outside its held-out blocks and guard bands ([] for a held-out scan)."""
+    out = []
+    for key, shape in zip(stream.keys, stream.source.shapes):
+        depth = shape[0] if len(shape) == 3 else 1
+        if stream.split is None:
+            out.append([_training_range(depth, slice_range)])
+        else:
+            out.append(stream.split.pretrain_ranges(key, depth))
+    if not any(out):
+        raise ValueError(f"{type(stream).__name__}: the split manifest holds out every scan and slice; nothing is "
+                         f"left to pretrain on")
+    return out
 
 
 class _Memory:
@@ -69,10 +86,14 @@ class _CropStream:
     """What both streams share: normalised images, saliency provider, augmentation, batching."""
 
     def __init__(self, scans: Sequence[Scan] | PreparedCorpus, size: int, *, saliency, prompts: Sequence[str],
-                 flip_axes: tuple[int, ...], rotate_deg: float, scale: float, intensity: float, seed: int):
+                 flip_axes: tuple[int, ...], rotate_deg: float, scale: float, intensity: float, seed: int,
+                 split: SplitManifest | None):
         if len(scans) == 0:
             raise ValueError(f"{type(self).__name__}: scans must not be empty")
-        self.size, self.seed, self.prompts = size, seed, list(prompts)
+        self.size, self.seed, self.prompts, self.split = size, seed, list(prompts), split
+        # the keys a split manifest names scans by: a corpus row's source, a Scan's name
+        self.keys = [row["source"] for row in scans.rows] if isinstance(scans, PreparedCorpus) \
+            else [s.name for s in scans]
         self.geometry = Augment(flip_axes=flip_axes, rotate_deg=rotate_deg, scale=scale, intensity_scale=0.0,
                                 intensity_shift=0.0, gamma=0.0)
         self.intensity = Augment(rotate_deg=0.0, scale=0.0, intensity_scale=intensity,
@@ -93,6 +114,12 @@ class _CropStream:
             prompt = self.prompts[int(torch.randint(len(self.prompts), (), generator=gen))]
         size = (self.size,) * len(shape)
         starts = crop_starts(shape, size, gen)
+        if self.split is not None:  # the manifest's rule, checked on every read whatever the sampling
+            first = view[0] if view else None
+            lo, hi = (first, first + 1) if isinstance(first, int) else \
+                (first.start + max(starts[0], 0), first.start + min(starts[0] + size[0], shape[0])) \
+                if isinstance(first, slice) else (0, 1)
+            self.split.check_read(self.keys[s], lo, hi)
         image = torch.from_numpy(self.source.crop(s, view, starts, size))
         sal = None if prompt is None else self.source.saliency_crop(s, prompt, view, starts, size)
         # No stored saliency for this prompt (tcm-prepare warned that it matched no label): no ROI.
@@ -122,8 +149,9 @@ class SliceStream(_CropStream):
         scans: :class:`tcm_mim.data.Scan` list (2-D images or 3-D volumes, normalised here), or a
             :class:`tcm_mim.data.PreparedCorpus` (read crop by crop through memory maps).
         size: side of the square crops.
-        slice_range: (lo, hi) fractions of each volume's first axis to draw slices from;
-            the evaluation uses the complementary range, so test anatomy stays unseen.
+        slice_range: (lo, hi) fractions of each volume's first axis to draw slices from (without ``split``).
+        split: the split manifest (:mod:`tcm_mim.data.split`): held-out scans are never drawn, held-out
+            blocks and their guard bands never read (a read that would touch them raises LeakError).
         saliency: Scan list: optional callable (scan index, prompt) -> float [*S] map of that scan;
             PreparedCorpus: the ``cache_key`` of the localizer whose stored saliency to read (or None).
         prompts: prompts to draw from, one per item (used with ``saliency``).
@@ -133,18 +161,21 @@ class SliceStream(_CropStream):
 
     def __init__(self, scans: Sequence[Scan] | PreparedCorpus, size: int, *, slice_range: tuple[float, float] = (0.0, 0.8),
                  saliency=None, prompts: Sequence[str] = (), rotate_deg: float = 8.0, scale: float = 0.1,
-                 intensity: float = 0.1, seed: int = 0):
+                 intensity: float = 0.1, seed: int = 0, split: SplitManifest | None = None):
         # Flips are left out: a flipped left lung is a right lung to the prompt.
         super().__init__(scans, size, saliency=saliency, prompts=prompts, flip_axes=(),
-                         rotate_deg=rotate_deg, scale=scale, intensity=intensity, seed=seed)
-        self.slices = [list(range(*_training_range(shape[0], slice_range))) if len(shape) == 3 else [None]
-                       for shape in self.source.shapes]
+                         rotate_deg=rotate_deg, scale=scale, intensity=intensity, seed=seed, split=split)
+        allowed = _allowed(self, slice_range)
+        self.scan_ids = [s for s, ranges in enumerate(allowed) if ranges]
+        self.slices = [[k for lo, hi in allowed[s] for k in range(lo, hi)] if len(self.source.shapes[s]) == 3
+                       else [None] for s in self.scan_ids]
 
     def item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(image float [1, size, size] in [0, 1], saliency float [1, size, size] in [0, 1])."""
         gen = _generator(self.seed, index)
-        s = int(torch.randint(len(self.slices), (), generator=gen))
-        k = self.slices[s][int(torch.randint(len(self.slices[s]), (), generator=gen))]
+        j = int(torch.randint(len(self.slices), (), generator=gen))
+        s = self.scan_ids[j]
+        k = self.slices[j][int(torch.randint(len(self.slices[j]), (), generator=gen))]
         shape = self.source.shapes[s]
         image, sal = self._crop(s, () if k is None else (k,), shape if k is None else shape[1:], gen)
         return self._augment(image, sal, gen)
@@ -153,9 +184,10 @@ class SliceStream(_CropStream):
 class VolumeStream(_CropStream):
     """Random cubic 3-D crops from a list of volumes.
 
-    Each crop lies in the ``slice_range`` slab of the volume's first (superior-inferior) axis,
-    the slab the 2-D stream draws its slices from, so the evaluation's held-out slices stay
-    unseen in 3-D too (a slab thinner than the crop is zero-padded). Augmentation is what
+    Each crop lies in one allowed slab of the volume's first (superior-inferior) axis (the
+    ``slice_range`` slab, or a slab between the split's held-out blocks and guard bands), the
+    slices the 2-D stream draws from, so held-out slices stay unseen in 3-D too (a slab thinner
+    than the crop is zero-padded). Augmentation is what
     stays cheap on a volume: flips of the superior-inferior and anterior-posterior axes
     (never left-right: prompts name sides), a small rotation in the axial plane with a zoom
     (one trilinear resample of image and saliency together), intensity scale/shift/gamma.
@@ -164,14 +196,15 @@ class VolumeStream(_CropStream):
         scans: :class:`tcm_mim.data.Scan` list of 3-D volumes [D, H, W] ([S, P, L]), or a
             :class:`tcm_mim.data.PreparedCorpus` of them.
         size: side of the cubic crops.
-        slice_range, saliency, prompts, intensity, seed: as :class:`SliceStream`.
+        slice_range, saliency, prompts, intensity, seed, split: as :class:`SliceStream`.
         flip_axes: volume axes that may be flipped (each with probability 1/2).
         rotate_deg, scale: axial-plane rotation and zoom; 0 and 0 skip the resample.
     """
 
     def __init__(self, scans: Sequence[Scan] | PreparedCorpus, size: int, *, slice_range: tuple[float, float] = (0.0, 0.8),
                  saliency=None, prompts: Sequence[str] = (), flip_axes: tuple[int, ...] = (0, 1),
-                 rotate_deg: float = 8.0, scale: float = 0.1, intensity: float = 0.1, seed: int = 0):
+                 rotate_deg: float = 8.0, scale: float = 0.1, intensity: float = 0.1, seed: int = 0,
+                 split: SplitManifest | None = None):
         if isinstance(scans, PreparedCorpus):
             flat = [row["source"] for row in scans.rows if len(row["shape"]) != 3]
         else:
@@ -181,13 +214,13 @@ class VolumeStream(_CropStream):
         if 2 in flip_axes:
             raise ValueError("VolumeStream: flip_axes must not contain 2 (left-right): prompts name sides")
         super().__init__(scans, size, saliency=saliency, prompts=prompts, flip_axes=flip_axes,
-                         rotate_deg=rotate_deg, scale=scale, intensity=intensity, seed=seed)
-        self.slabs = [_training_range(shape[0], slice_range) for shape in self.source.shapes]
+                         rotate_deg=rotate_deg, scale=scale, intensity=intensity, seed=seed, split=split)
+        # one (scan, slab) per allowed range: a block split leaves several slabs of one volume
+        self.slabs = [(s, r) for s, ranges in enumerate(_allowed(self, slice_range)) for r in ranges]
 
     def item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(image float [1, size, size, size] in [0, 1], saliency float [1, size, size, size] in [0, 1])."""
         gen = _generator(self.seed, index)
-        s = int(torch.randint(len(self.slabs), (), generator=gen))
-        lo, hi = self.slabs[s]
+        s, (lo, hi) = self.slabs[int(torch.randint(len(self.slabs), (), generator=gen))]
         image, sal = self._crop(s, (slice(lo, hi),), (hi - lo, *self.source.shapes[s][1:]), gen)
         return self._augment(image, sal, gen)

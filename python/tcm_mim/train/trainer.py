@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ import tcm_kernels
 
 from ..data import EMBEDDED, PreparedCorpus, embedded_corpus, prepare_corpus
 from ..data.prepare import ensure_saliency
+from ..data.split import SPLIT_FILE, SplitManifest, embedded_split, split_by_scan
 from ..errors import RunWarning, UserError
 from ..models import SparKMIM, build_encoder, param_groups, set_backend, sync_decoder_norms
 from . import checkpoint
@@ -55,7 +57,7 @@ class NonFiniteError(UserError):
     problem of the data or the settings (one line and exit 2 from the CLI), not of the code."""
 
 
-def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> PreparedCorpus:
+def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> tuple[PreparedCorpus, SplitManifest]:
     """The dataset as a prepared corpus, read crop by crop through memory maps.
 
     An embedded name is prepared into the data cache on first use; a prepared corpus (a folder
@@ -87,6 +89,9 @@ def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> Prep
         raise ConfigError(f"config: 3-D pretraining (dim 3, encoder {cfg.encoder!r}) needs volumes, but dataset "
                           f"{cfg.dataset!r} has 2-D images {flat}; use a 3-D dataset (brain_mri, chest_ct) or a "
                           f"2-D encoder (resnet_tiny)")
+    split = split_manifest(cfg, corpus)
+    # held-out scans are dropped here; the streams refuse any read of them or of held-out blocks
+    corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["source"] not in split.test])
     # needs_labels: the prompts are matched to the scans' own label maps, unless an atlas or CLIPSeg places them.
     if method_class(cfg.method).needs_labels and cfg.localizer == "label":
         corpus = corpus.select([i for i, row in enumerate(corpus.rows) if row["labels"] is not None])
@@ -99,7 +104,27 @@ def _corpus(cfg: PretrainConfig, dim: int, out: pathlib.Path, rank: int) -> Prep
         if not corpus.rows:
             raise ConfigError(f"config: localizer=atlas registers a 3-D atlas, but dataset {cfg.dataset!r} has no "
                               f"volumes")
-    return corpus
+    return corpus, split
+
+
+def split_manifest(cfg: PretrainConfig, corpus: PreparedCorpus) -> SplitManifest:
+    """The run's split manifest: the file ``cfg.split``, the embedded volume's axial-block split, or
+    ``cfg.test_fraction`` of the scans held out (``cfg.split_seed``)."""
+    if cfg.split is not None:
+        if not pathlib.Path(cfg.split).is_file():
+            raise ConfigError(f"config: split must be a split manifest file, got {cfg.split!r} (not a file)")
+        return SplitManifest.load(cfg.split)
+    if cfg.dataset in EMBEDDED:
+        labelled = [i for i, row in enumerate(corpus.rows) if row["labels"] is not None]
+        if not labelled:
+            return SplitManifest("block")
+        scan = corpus.scan(labelled[0])
+        return embedded_split(cfg.dataset, corpus.rows[labelled[0]]["source"], scan.label_map, scan.label_names)
+    if len(corpus.rows) < 2:
+        raise ConfigError(f"config: dataset {cfg.dataset!r} has {len(corpus.rows)} scan(s); a split by scan needs "
+                          f"at least 2 so that evaluation can test on a scan pretraining never read")
+    return split_by_scan([row["source"] for row in corpus.rows], test_fraction=cfg.test_fraction,
+                         seed=cfg.split_seed)
 
 
 class Trainer:
@@ -120,7 +145,10 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.dim = cfg.spatial_dims
-        corpus = _corpus(cfg, self.dim, self.out, self.rank)
+        corpus, self.split = _corpus(cfg, self.dim, self.out, self.rank)
+        if self.rank == 0:  # what pretraining held out and read, beside its checkpoint, for tcm-eval to check
+            dataclasses.replace(self.split, pretrained_on=sorted(r["digest"] for r in corpus.rows)).save(
+                self.out / SPLIT_FILE)
         self.model = SparKMIM(build_encoder(cfg.encoder, dim=self.dim, in_channels=1, drop_path=cfg.drop_path),
                               dim=self.dim, in_channels=1, decoder_width=cfg.decoder_width, decoder=cfg.decoder)
         set_backend(self.model, cfg.backend)
@@ -136,7 +164,8 @@ class Trainer:
         self.method: Method = method_class(cfg.method)(self)
         saliency = self._stored_saliency(corpus) if self.method.needs_saliency else None
         stream = VolumeStream if self.dim == 3 else SliceStream
-        self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed)
+        self.stream = stream(corpus, cfg.image_size, saliency=saliency, prompts=cfg.prompts, seed=cfg.seed,
+                             split=self.split)
         self.data_wait_s = 0.0  # time train() spent waiting for batches (the loader's share of the steps)
         self.params = [*self.model.parameters(), *self.method.heads.parameters()]
         # SparK's groups: weight decay on weights, none on mask tokens, norms and biases (decayed group first).
@@ -170,6 +199,15 @@ class Trainer:
         from ..localize import AtlasLocalizer, CLIPSegLocalizer, LabelTextLocalizer
 
         cfg = self.cfg
+        # Guidance from the evaluated scan's own labels (label maps, or an atlas that is that very subject)
+        # must not select a class the evaluation scores (docs/evaluation.md).
+        if cfg.localizer == "label" or (cfg.localizer == "atlas" and (cfg.atlas or cfg.dataset) == cfg.dataset):
+            try:
+                self.split.check_guidance(cfg.prompts, {row["source"]: corpus.scan(i).labels for i, row in
+                                                        enumerate(corpus.rows) if row["source"] in self.split.blocks},
+                                          LabelTextLocalizer())
+            except ValueError as err:
+                raise ConfigError(f"config: {err}") from None
         if cfg.localizer == "atlas":
             # Warped labels cached by content under out_dir; a QC PNG per scan shows a failed registration.
             localizer = AtlasLocalizer(cfg.atlas or cfg.dataset, cache_dir=self.out / "atlas_cache")
@@ -180,7 +218,7 @@ class Trainer:
         else:
             localizer = LabelTextLocalizer()
         if self.rank == 0:
-            ensure_saliency(corpus.root, cfg.prompts, localizer)
+            ensure_saliency(corpus.root, cfg.prompts, localizer, only={row["id"] for row in corpus.rows})
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         fresh = PreparedCorpus(corpus.root)  # the rows now list the stored saliency
