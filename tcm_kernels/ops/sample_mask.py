@@ -42,12 +42,11 @@ import torch
 from .. import _backend
 from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_real, check_tensor
+from .._core.sampling import TRITON_MAX_PATCHES
 from ..reference import sample_mask as _ref
 
 STRATEGIES = ("uniform", "weighted", "stratified", "hardest")
 _OP = "sample_mask"
-# Longest row the Triton kernel holds in one register tile; longer CUDA rows go to the CUDA kernel.
-TRITON_MAX_PATCHES = 16384
 
 
 class MaskSample(NamedTuple):

@@ -52,11 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.sampling import hardest_budget
+from .._core.sampling import TRITON_MAX_PATCHES as MAX_PATCHES, hardest_budget
 from ._launch import launch
 from .philox import philox4x32_10
-
-MAX_PATCHES = 16384
 
 STRATEGY_IDS = {"uniform": 0, "weighted": 1, "stratified": 2, "hardest": 3}
 
