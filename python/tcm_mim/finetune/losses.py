@@ -15,6 +15,8 @@ from torch import nn
 
 import tcm_kernels
 
+from ..train.teacher import ema_update as teacher_ema_update
+
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy + soft Dice over the foreground classes (MONAI's DiceLoss, batch-wise)."""
@@ -42,10 +44,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
     """teacher <- a teacher + (1 - a) student with a = min(1 - 1 / (step + 1), decay); buffers (norm
     statistics) are copied. Returns a. At step 0 the teacher becomes the student."""
     a = min(1.0 - 1.0 / (step + 1), decay)
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(a).add_(s.detach(), alpha=1.0 - a)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+    teacher_ema_update(teacher, student, a, average_buffers=False)
     return a
 
 

@@ -39,14 +39,18 @@ def masked_probe_scores(per_patch: torch.Tensor, probe_visible: torch.Tensor) ->
     return torch.where(probe_visible, 0.0, per_patch.float().clamp_min(0))
 
 
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, for the parameters and the floating buffers
-    (running statistics, which an eval-mode teacher normalises with); integer buffers (batch counters) copied."""
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, *, average_buffers: bool = True) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student for the parameters.
+
+    Buffers: with ``average_buffers`` the floating ones (running statistics, which an eval-mode teacher normalises
+    with) are averaged the same way and integer ones (batch counters) copied; without it (the mean teacher of
+    fine-tuning, whose norms track the student's statistics) every buffer is copied.
+    """
     with torch.no_grad():
         for t, s in zip(teacher.parameters(), student.parameters()):
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
         for t, s in zip(teacher.buffers(), student.buffers()):
-            if t.is_floating_point():
+            if average_buffers and t.is_floating_point():
                 t.mul_(momentum).add_(s, alpha=1 - momentum)
             else:
                 t.copy_(s)
