@@ -171,8 +171,8 @@ def _encoder_from_checkpoint(path: pathlib.Path):
     state = checkpoint.load(path, required=("model", "config"))
     cfg = config_from_dict(state["config"], source=str(path))
     dim = cfg.spatial_dims
-    model = SparKMIM(build_encoder(cfg.encoder, dim=dim, in_channels=1), dim=dim, in_channels=1,
-                     decoder_width=cfg.decoder_width)
+    model = SparKMIM(build_encoder(cfg.encoder, dim=dim, in_channels=1, drop_path=cfg.drop_path), dim=dim,
+                     in_channels=1, decoder_width=cfg.decoder_width, decoder=cfg.decoder)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:  # missing / unexpected keys or shapes: the file does not match its config
