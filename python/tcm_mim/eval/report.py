@@ -37,7 +37,7 @@ from ..data.split import folds as split_folds
 from ..errors import UserError
 from ..models import SparKMIM, build_encoder
 from ..train import PretrainConfig, Trainer, checkpoint, load_config
-from ..train.config import METHODS, config_from_dict
+from ..train.config import METHODS, ConfigError, config_from_dict
 from .probe import evaluate_encoder, learning_curve
 from .tasks import brain_lobe_task, chest_organ_task, scan_task, with_label_fraction
 from .volume import VolumeTask, chest_organ_task_3d, evaluate_volume_task
@@ -243,7 +243,11 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
                     continue
                 trainer = Trainer(cfg)
                 if name != "random":  # random: the same architecture, initialised with the same seed, not trained
-                    trainer.train(resume=True, progress=progress)  # a finished pretraining is read back, not rerun
+                    try:  # a finished pretraining of this config is read back, an interrupted one continued
+                        trainer.train(resume=True, progress=progress)
+                    except ConfigError:  # the folder holds another config's pretraining: start this one afresh
+                        trainer = Trainer(cfg)
+                        trainer.train(progress=progress)
                 run_curves: dict[str, list] = {}
                 scores = evaluate(trainer.model.encoder, tasks, probe_steps=probe_steps,
                                   finetune_steps=finetune_steps, seed=seed, dim=dim, roi=cfg.image_size,
