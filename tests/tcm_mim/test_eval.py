@@ -77,7 +77,7 @@ def test_comparison_chooses_steps_on_validation_at_each_label_fraction_with_pape
                       "warmup_steps=1"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "| spark_paper |" in report and "Step counts chosen from the validation curves" in report
-    assert "Paired differences to `random`" in report
+    assert "Paired differences to `random`" in report and "Smallest difference resolved" in report
     curves = json.loads((tmp_path / "curves.json").read_text())
     steps = json.loads((tmp_path / "steps.json").read_text())
     results = json.loads((tmp_path / "results.json").read_text())

@@ -307,6 +307,7 @@ def paired_differences(results: dict[str, list[dict[str, float]]], reference: st
     ref = results[reference]
     lines = [f"## Paired differences to `{reference}` (per seed, 95% bootstrap interval)", "",
              "| row | metric | mean difference | 95% interval | resolved? |", "|---|---|---:|---|---|"]
+    widths: dict[str, list[float]] = {}
     for row, runs in results.items():
         if row == reference:
             continue
@@ -319,6 +320,11 @@ def paired_differences(results: dict[str, list[dict[str, float]]], reference: st
             verdict = "no: the interval holds 0" if lo <= 0 <= hi else "yes"
             lines.append(f"| {row} | {label} | {statistics.fmean(diffs):+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
                          f"{verdict} |")
+            widths.setdefault(label, []).append((hi - lo) / 2)
+    lines.append("")
+    lines.append("Smallest difference resolved (the median half-width of the intervals above, per metric: a "
+                 "paired difference smaller than this is typically inside its interval): " +
+                 "; ".join(f"{label} {statistics.median(w):.3f}" for label, w in widths.items()) + ".")
     lines.append("")
     lines.append(f"Seeds: {len(ref)}. With few seeds the bootstrap interval is coarse (it resamples only "
                  f"{len(ref)} differences); read it as a lower bound on the uncertainty.")
