@@ -530,8 +530,11 @@ def _main(argv: Sequence[str] | None) -> int:
                              "(--steps) and the key=value overrides apply to every run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps per method (same budget)")
-    parser.add_argument("--probe-steps", type=int, default=150)
-    parser.add_argument("--finetune-steps", type=int, default=60)
+    # the step counts chosen from validation curves on the embedded chest task (docs/evaluation.md)
+    parser.add_argument("--probe-steps", type=int, default=200, help="linear-probe steps (with --select-steps: "
+                        "the budget the step count is chosen within)")
+    parser.add_argument("--finetune-steps", type=int, default=400, help="fine-tuning steps (with --select-steps: "
+                        "the budget the step count is chosen within)")
     parser.add_argument("--dataset", default=None,
                         help="with --checkpoint: a labelled folder (with --label-dir) or a prepared corpus")
     parser.add_argument("--label-dir", default=None, help="--dataset folder: label maps with the images' names")
