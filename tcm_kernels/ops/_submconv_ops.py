@@ -8,6 +8,7 @@ masked-dense weight gradient   ``tcm::submconv_weight_grad``             ``tcm::
 compact forward                ``tcm::submconv_compact_forward``         ``tcm::submconv_compact_forward_triton``
 compact weight gradient        ``tcm::submconv_compact_weight_grad``     ``tcm::submconv_compact_weight_grad_triton``
 kernel map                     ``tcm::submconv_kernel_map``              (torch ops, any device)
+weight layout (cache)          ``tcm::submconv_weight_layout``           (CPU only: :mod:`.weight_layout`)
 =============================  ========================================  =================================
 
 Twins share a schema, so they share the fake (:mod:`tcm_kernels._core.shapes`) and the autograd
@@ -22,6 +23,7 @@ import torch
 from .._core import shapes
 from .._core.autograd import submconv_autograd
 from ._library import register
+from .weight_layout import transposed_kernel
 
 
 @torch.library.custom_op("tcm::submconv_forward_triton", mutates_args=())
@@ -63,15 +65,18 @@ def _compact_weight_grad_triton(grad_out: torch.Tensor, features: torch.Tensor, 
 
 
 register("submconv_kernel_map", shapes.kernel_map)
+register("submconv_weight_layout", shapes.conv_weight_layout)
 for _suffix in ("", "_triton"):
     _ops = torch.ops.tcm
     register(f"submconv_forward{_suffix}", shapes.conv_dense,
              submconv_autograd(getattr(_ops, f"submconv_forward{_suffix}"),
-                               getattr(_ops, f"submconv_weight_grad{_suffix}"), n_geometry=1))
+                               getattr(_ops, f"submconv_weight_grad{_suffix}"), n_geometry=1,
+                               transposed=transposed_kernel))
     register(f"submconv_weight_grad{_suffix}", shapes.conv_dense_weight_grad)
     register(f"submconv_compact_forward{_suffix}", shapes.conv_compact,
              submconv_autograd(getattr(_ops, f"submconv_compact_forward{_suffix}"),
-                               getattr(_ops, f"submconv_compact_weight_grad{_suffix}"), n_geometry=2))
+                               getattr(_ops, f"submconv_compact_weight_grad{_suffix}"), n_geometry=2,
+                               transposed=transposed_kernel))
     register(f"submconv_compact_weight_grad{_suffix}", shapes.conv_compact_weight_grad)
 
 
