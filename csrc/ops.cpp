@@ -59,10 +59,6 @@ TORCH_LIBRARY(tcm, m) {
   m.def(
       "submconv_compact_weight_grad(Tensor grad_out, Tensor features, Tensor grid, Tensor sites, Tensor weight, "
       "int[] dilation, int groups, int chunk_rows) -> Tensor");
-  // The CPU engine's weight layouts, built once per weight version by tcm_kernels/ops/weight_layout.py: weight
-  // [Cout, Cin/g, *k] -> fp32 [groups, Cout/g, K, Cin/g], or (transposed) the input-gradient kernel's
-  // [groups, Cin/g, K, Cout/g] (taps flipped).
-  m.def("submconv_weight_layout(Tensor weight, int groups, bool transposed) -> Tensor");
 }
 
 // The extension is loaded with `import tcm_kernels._C`; it defines no Python

@@ -310,44 +310,6 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
   return total;
 }
 
-// Weight layouts on the CPU. ATen copies a permuted tensor element by element with the permuted strides
-// (~9 ns per element for a [Cout, Cin, 27] -> [Cout, 27, Cin] copy, 20x a plain copy), which made the
-// re-layouts of a 3x3x3 conv cost as much as its GEMMs at the deep stages; these loops transpose each
-// [a, b] block of the weight inside L1 instead.
-
-// dst[m][j][i] = src[m][i][j] for `mats` contiguous [a, b] matrices (fp32).
-void transpose_matrices(const float* src, float* dst, int64_t mats, int64_t a, int64_t b) {
-  at::parallel_for(0, mats, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(a * b, 1)),
-                   [&](int64_t lo, int64_t hi) {
-                     for (int64_t m = lo; m < hi; ++m) {
-                       const float* s = src + m * a * b;
-                       float* d = dst + m * a * b;
-                       for (int64_t j = 0; j < b; ++j)
-                         for (int64_t i = 0; i < a; ++i) d[j * a + i] = s[i * b + j];
-                     }
-                   });
-}
-
-// Weight [Cout, Cin/g, *k] -> fp32 [groups, cout_g, K * cin_g] (weight_to_gemm). A weight that is already
-// stored in that layout (tcm_kernels/ops/weight_layout.py hands the engine such views) is used as is.
-at::Tensor weight_to_gemm_cpu(const at::Tensor& weight, const Problem& p) {
-  const at::Tensor as_gemm = weight.detach().reshape({p.groups, p.cout_g(), p.cin_g(), p.taps()}).permute({0, 1, 3, 2});
-  if (weight.scalar_type() == at::kFloat && as_gemm.is_contiguous())
-    return as_gemm.reshape({p.groups, p.cout_g(), p.taps() * p.cin_g()});
-  const at::Tensor w = weight.detach().to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({p.groups, p.cout_g(), p.taps() * p.cin_g()}, w.options());
-  transpose_matrices(w.const_data_ptr<float>(), out.mutable_data_ptr<float>(), p.cout, p.cin_g(), p.taps());
-  return out;
-}
-
-// GEMM-layout fp32 wt [groups, cout_g, K * cin_g] -> [Cout, Cin/g, *k] in like's dtype (gemm_to_weight).
-at::Tensor gemm_to_weight_cpu(const at::Tensor& wt, const Problem& p, const at::Tensor& like) {
-  const at::Tensor src = wt.contiguous();
-  at::Tensor out = at::empty(like.sizes(), src.options());
-  transpose_matrices(src.const_data_ptr<float>(), out.mutable_data_ptr<float>(), p.cout, p.taps(), p.cin_g());
-  return out.to(like.scalar_type());
-}
-
 // fp32 copy of the optional bias [Cout] (undefined when absent).
 at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, const Problem& p) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
@@ -360,7 +322,7 @@ at::Tensor bias_fp32(const std::optional<at::Tensor>& bias, const Problem& p) {
 at::Tensor engine_forward(const Problem& p, const KernelMap& km, const at::Tensor& x32, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, int64_t chunk_rows) {
   const at::Tensor b32 = bias_fp32(bias, p);
-  return conv_rows(p, km, x32, weight_to_gemm_cpu(weight, p), b32.defined() ? b32.const_data_ptr<float>() : nullptr,
+  return conv_rows(p, km, x32, weight_to_gemm(weight, p), b32.defined() ? b32.const_data_ptr<float>() : nullptr,
                    chunk_rows);
 }
 
@@ -387,7 +349,7 @@ at::Tensor submconv_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor
   const KernelMap km = build_kernel_map(mask);
   const at::Tensor xs = gather_features(x, p, km);
   const at::Tensor gs = gather_features(grad_out, p, km);
-  return gemm_to_weight_cpu(weight_grad_rows(p, km, xs, gs, chunk_rows), p, weight);
+  return gemm_to_weight(weight_grad_rows(p, km, xs, gs, chunk_rows), p, weight);
 }
 
 // The engine reads features[grid[...]] and grid[sites[...]]: bound both before trusting a caller's map
@@ -430,41 +392,7 @@ at::Tensor submconv_compact_weight_grad_cpu(const at::Tensor& grad_out, const at
   const KernelMap km = checked_compact_map(grid, sites);
   const at::Tensor x32 = features.to(at::kFloat).contiguous();
   const at::Tensor g32 = grad_out.to(at::kFloat).contiguous();
-  return gemm_to_weight_cpu(weight_grad_rows(p, km, x32, g32, chunk_rows), p, weight);
-}
-
-// The layouts of tcm_kernels/ops/weight_layout.py: weight [Cout, Cin/g, *k] -> fp32 [groups, cout_g, K, cin_g]
-// (the engine's GEMM layout), or with `transposed` the GEMM layout of the flipped, in/out-transposed kernel
-// that computes the input gradient: [groups, cin_g, K, cout_g] with out[g, ci, k, co] = weight[g cout_g + co,
-// ci, K - 1 - k].
-at::Tensor submconv_weight_layout_cpu(const at::Tensor& weight, int64_t groups, bool transposed) {
-  TCM_CHECK_VALUE(weight.dim() == 4 || weight.dim() == 5, kOp, " weight must be 4-D or 5-D [Cout, Cin/g, *k], got ",
-                  weight.sizes());
-  TCM_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, kOp, " groups must be >= 1 and divide Cout=",
-                  weight.size(0), ", got ", groups);
-  const int64_t cout = weight.size(0), cin_g = weight.size(1), cout_g = cout / groups;
-  const int64_t taps = weight.numel() / std::max<int64_t>(cout * cin_g, 1);
-  const at::Tensor w = weight.detach().to(at::kFloat).contiguous();
-  const float* src = w.const_data_ptr<float>();
-  if (!transposed) {
-    at::Tensor out = at::empty({groups, cout_g, taps, cin_g}, w.options());
-    transpose_matrices(src, out.mutable_data_ptr<float>(), cout, cin_g, taps);
-    return out;
-  }
-  at::Tensor out = at::empty({groups, cin_g, taps, cout_g}, w.options());
-  float* dst = out.mutable_data_ptr<float>();
-  // Per (group, input channel): the [cout_g, K] slice of every output channel, read a cache line at a time.
-  at::parallel_for(0, groups * cin_g, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t gc = lo; gc < hi; ++gc) {
-      const int64_t g = gc / cin_g, ci = gc % cin_g;
-      float* d = dst + gc * taps * cout_g;
-      for (int64_t co = 0; co < cout_g; ++co) {
-        const float* s = src + ((g * cout_g + co) * cin_g + ci) * taps;
-        for (int64_t k = 0; k < taps; ++k) d[(taps - 1 - k) * cout_g + co] = s[k];
-      }
-    }
-  });
-  return out;
+  return gemm_to_weight(weight_grad_rows(p, km, x32, g32, chunk_rows), p, weight);
 }
 
 // (grid int32 [B, *S], rows): exposed so tests and benchmarks can time the kernel-map build alone.
@@ -484,7 +412,6 @@ TORCH_LIBRARY_IMPL(tcm, CPU, m) {
   m.impl("submconv_kernel_map", &submconv_kernel_map_cpu);
   m.impl("submconv_compact_forward", &submconv_compact_forward_cpu);
   m.impl("submconv_compact_weight_grad", &submconv_compact_weight_grad_cpu);
-  m.impl("submconv_weight_layout", &submconv_weight_layout_cpu);
 }
 
 }  // namespace submconv

@@ -35,13 +35,6 @@ def conv_compact_weight_grad(grad_out, features, grid, sites, weight, dilation, 
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-def conv_weight_layout(weight, groups, transposed):
-    """fp32 [G, Cout/G, K, Cin/G] (or [G, Cin/G, K, Cout/G] when transposed) of a conv weight [Cout, Cin/G, *k]."""
-    cout, cin_g = weight.shape[:2]
-    rows, cols = (cin_g, cout // groups) if transposed else (cout // groups, cin_g)
-    return weight.new_empty((groups, rows, math.prod(weight.shape[2:]), cols), dtype=torch.float32)
-
-
 def kernel_map(mask):
     """mask [B, 1, *S] -> (grid int32 [B, *S], sites int64 [N]) with N data-dependent."""
     n = torch.library.get_ctx().new_dynamic_size()

@@ -8,7 +8,6 @@ masked-dense weight gradient   ``tcm::submconv_weight_grad``             ``tcm::
 compact forward                ``tcm::submconv_compact_forward``         ``tcm::submconv_compact_forward_triton``
 compact weight gradient        ``tcm::submconv_compact_weight_grad``     ``tcm::submconv_compact_weight_grad_triton``
 kernel map                     ``tcm::submconv_kernel_map``              (torch ops, any device)
-weight layout (cache)          ``tcm::submconv_weight_layout``           (CPU only: :mod:`.weight_layout`)
 =============================  ========================================  =================================
 
 Twins share a schema, so they share the fake (:mod:`tcm_kernels._core.shapes`) and the autograd
@@ -65,7 +64,6 @@ def _compact_weight_grad_triton(grad_out: torch.Tensor, features: torch.Tensor, 
 
 
 register("submconv_kernel_map", shapes.kernel_map)
-register("submconv_weight_layout", shapes.conv_weight_layout)
 for _suffix in ("", "_triton"):
     _ops = torch.ops.tcm
     register(f"submconv_forward{_suffix}", shapes.conv_dense,

@@ -6,8 +6,8 @@ re-laid it out and every backward built the flipped, in/out-transposed kernel an
 too (copies as large as the weight; docs/submconv.md has their measured cost in a 3-D encoder).
 
 :func:`cached_weight` returns a tensor equal to ``weight`` (same shape and values) whose storage *is*
-the GEMM layout, so the engine's re-layout (``weight_to_gemm`` in csrc/submconv/submconv_cpu.cpp)
-finds it contiguous and copies nothing. The layout (``tcm::submconv_weight_layout``) is built on the
+the GEMM layout, so the engine's re-layout (``weight_to_gemm`` in csrc/submconv/submconv_problem.h:
+reshape, permute, ``contiguous``) finds it contiguous and copies nothing. The layout is built on the
 first call after the weight changed and kept in a cache keyed on the tensor's identity, its version
 counter (bumped by every in-place update: optimizer steps, ``load_state_dict``, ``nn.init``), its
 storage pointer (``param.data = ...``), dtype, device and ``groups``. The gradient reaches ``weight``
@@ -71,7 +71,8 @@ def _entry(weight: torch.Tensor, groups: int) -> _Entry:
     entry = _ENTRIES.get(id(weight))
     if entry is not None and entry.ref() is weight and entry.key == key:
         return entry
-    gemm = torch.ops.tcm.submconv_weight_layout(weight.detach(), groups, False)
+    cout, cin_g = weight.shape[:2]
+    gemm = weight.detach().reshape(groups, cout // groups, cin_g, -1).transpose(2, 3).contiguous()
     entry = _Entry(weakref.ref(weight, lambda _, k=id(weight): _drop(k, _ENTRIES)), key, gemm)
     _ENTRIES[id(weight)] = entry
     return entry
@@ -120,7 +121,8 @@ def transposed_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
     if seen is None or seen[0]() is not weight or torch.is_grad_enabled():
         return geometry.transposed_kernel(weight, groups)
     entry = seen[1]
-    if entry.transposed is None:
-        entry.transposed = torch.ops.tcm.submconv_weight_layout(_as_kernel(entry.gemm, tuple(weight.shape[2:])),
-                                                                 entry.key[4], True)
+    if entry.transposed is None:  # [G, Cin/g, K, Cout/g] with the taps flipped, in one pass over the layout
+        taps = entry.gemm.shape[2]
+        flip = torch.arange(taps - 1, -1, -1, device=entry.gemm.device)
+        entry.transposed = entry.gemm.permute(0, 3, 2, 1).index_select(2, flip).contiguous()
     return _as_kernel(entry.transposed, tuple(weight.shape[2:]))

@@ -18,7 +18,7 @@ from tcm_kernels.ops import weight_layout as wl
 from tcm_kernels.ops._submconv_ops import conv_op
 from tests.utils import backend_param
 
-pytestmark = pytest.mark.parametrize("backend", [backend_param("submconv_weight_layout", "cpu")])
+pytestmark = pytest.mark.parametrize("backend", [backend_param("submconv_compact_forward", "cpu")])
 
 
 @pytest.fixture(autouse=True)
@@ -48,14 +48,17 @@ def _uncached_compact(st, w, groups):
 
 
 @pytest.mark.parametrize("nd, groups", [(3, 1), (3, 2), (2, 1)])
-def test_layout_op_matches_torch(backend, nd, groups):
+def test_cached_kernels_equal_the_weight_and_its_transpose(backend, nd, groups):
     _, _, w = _case(nd=nd, groups=groups)
-    gemm = torch.ops.tcm.submconv_weight_layout(w, groups, False)
-    cout, cin_g = w.shape[:2]
-    assert torch.equal(gemm, w.reshape(groups, cout // groups, cin_g, -1).transpose(2, 3))
-    t = torch.ops.tcm.submconv_weight_layout(w, groups, True)
-    wt = transposed_kernel(w, groups)  # [Cin, Cout/g, *k]
-    assert torch.equal(t, wt.reshape(groups, cin_g, cout // groups, -1).transpose(2, 3))
+    w = torch.nn.Parameter(w)
+    view = wl.cached_weight(w, groups)
+    assert view is not w and torch.equal(view, w)
+    entry = wl._ENTRIES[id(w)]
+    assert view.untyped_storage().data_ptr() == entry.gemm.untyped_storage().data_ptr()  # no copy of its own
+    with torch.no_grad():  # as in a backward pass (create_graph=False)
+        assert torch.equal(wl.transposed_kernel(view, groups), transposed_kernel(w, groups))
+        assert entry.transposed is not None and entry.transposed.is_contiguous()
+        assert torch.equal(wl.transposed_kernel(w, groups), transposed_kernel(w, groups))  # not handed out: computed
 
 
 @pytest.mark.parametrize("groups", [1, 2])
