@@ -39,6 +39,8 @@ class _Entry:
     key: tuple
     gemm: torch.Tensor  # [G, Cout/g, K, Cin/g] contiguous
     transposed: torch.Tensor | None = None  # [G, Cin/g, K, Cout/g] contiguous, taps flipped; built on first use
+    transposed_key: tuple | None = None  # the key ``transposed`` was built for
+    views: int = 0  # tensors handed out over these buffers and still alive: while > 0 they are not overwritten
 
 
 _ENTRIES: dict[int, _Entry] = {}  # id(weight) -> entry; removed by the weak reference's callback
@@ -66,16 +68,45 @@ def _drop(key: int, table: dict) -> None:
 
 
 def _entry(weight: torch.Tensor, groups: int) -> _Entry:
-    """The cache entry of ``weight``, (re)built when the weight changed since it was laid out."""
+    """The cache entry of ``weight``, brought up to date when the weight changed since it was laid out.
+
+    A changed weight is laid out again into the entry's own buffers when no tensor handed out over
+    them is alive (the usual case: the last step's graph is freed), so a training step allocates
+    nothing: fresh weight-sized buffers cost page faults that, measured in a 3-D encoder step, took
+    longer than the copy itself. Otherwise (a graph still holds the old layout) a new entry is made.
+    """
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, groups, tuple(weight.shape))
-    entry = _ENTRIES.get(id(weight))
-    if entry is not None and entry.ref() is weight and entry.key == key:
-        return entry
     cout, cin_g = weight.shape[:2]
-    gemm = weight.detach().reshape(groups, cout // groups, cin_g, -1).transpose(2, 3).contiguous()
-    entry = _Entry(weakref.ref(weight, lambda _, k=id(weight): _drop(k, _ENTRIES)), key, gemm)
+    laid_out = weight.detach().reshape(groups, cout // groups, cin_g, -1).transpose(2, 3)
+    entry = _ENTRIES.get(id(weight))
+    if entry is not None and entry.ref() is weight:
+        if entry.key == key:
+            return entry
+        if entry.views == 0 and entry.key[2:] == key[2:]:
+            entry.gemm.copy_(laid_out)
+            entry.key = key
+            return entry
+    _ENTRIES.pop(id(weight), None)  # a stale entry's buffers go before the new ones are made (peak memory)
+    entry = _Entry(weakref.ref(weight, lambda _, k=id(weight): _drop(k, _ENTRIES)), key, laid_out.contiguous())
     _ENTRIES[id(weight)] = entry
     return entry
+
+
+def _hand_out(entry: _Entry, out: torch.Tensor, lookup: bool) -> torch.Tensor:
+    """Count ``out`` as a live tensor over ``entry``'s buffers until it is freed (and, with ``lookup``,
+    let :func:`transposed_kernel` find the entry from it)."""
+    entry.views += 1
+    key = id(out)
+    if lookup:
+        _VIEWS[key] = (weakref.ref(out), entry)
+    weakref.finalize(out, _returned, entry, key, lookup)
+    return out
+
+
+def _returned(entry: _Entry, key: int, lookup: bool) -> None:
+    entry.views -= 1
+    if lookup:
+        _VIEWS.pop(key, None)
 
 
 def _as_kernel(layout: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
@@ -105,9 +136,7 @@ def cached_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     if not _cacheable(weight):
         return weight
     entry = _entry(weight, groups)
-    out = _Relaid.apply(weight, entry.gemm)
-    _VIEWS[id(out)] = (weakref.ref(out, lambda _, k=id(out): _drop(k, _VIEWS)), entry)
-    return out
+    return _hand_out(entry, _Relaid.apply(weight, entry.gemm), lookup=True)
 
 
 def transposed_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -121,8 +150,14 @@ def transposed_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
     if seen is None or seen[0]() is not weight or torch.is_grad_enabled():
         return geometry.transposed_kernel(weight, groups)
     entry = seen[1]
-    if entry.transposed is None:  # [G, Cin/g, K, Cout/g] with the taps flipped, in one pass over the layout
+    if entry.transposed_key != entry.key:  # [G, Cin/g, K, Cout/g], taps flipped: one pass over the layout
         taps = entry.gemm.shape[2]
         flip = torch.arange(taps - 1, -1, -1, device=entry.gemm.device)
-        entry.transposed = entry.gemm.permute(0, 3, 2, 1).index_select(2, flip).contiguous()
-    return _as_kernel(entry.transposed, tuple(weight.shape[2:]))
+        # The entry's views include the one being differentiated, so the old transposed buffer may still be
+        # read by a live graph only if views > 1: then it is replaced, else rewritten in place.
+        if entry.transposed is not None and entry.views == 1:
+            torch.index_select(entry.gemm.permute(0, 3, 2, 1), 2, flip, out=entry.transposed)
+        else:
+            entry.transposed = entry.gemm.permute(0, 3, 2, 1).index_select(2, flip).contiguous()
+        entry.transposed_key = entry.key
+    return _hand_out(entry, _as_kernel(entry.transposed, tuple(weight.shape[2:])), lookup=False)

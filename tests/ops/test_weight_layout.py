@@ -164,3 +164,34 @@ def test_not_cached_where_it_cannot_apply(backend):
         fake = torch.empty(4, 8, 3, 3, 3)
         assert wl.cached_weight(fake, 1) is fake
     assert len(wl._ENTRIES) == 0
+
+
+def test_new_version_reuses_the_buffers_unless_a_graph_still_reads_them(backend):
+    x, mask, w0 = _case()
+    st = tcm_kernels.SparseTensor.from_dense(x, mask)
+    w = torch.nn.Parameter(w0.clone())
+
+    def step():
+        f = st.features.clone().requires_grad_()
+        y = tcm_kernels.submanifold_conv_compact(f, st.kernel_map(), w)
+        y.square().sum().backward()
+        return y.detach(), f.grad
+
+    step()
+    entry = wl._ENTRIES[id(w)]
+    buffers = (entry.gemm.data_ptr(), entry.transposed.data_ptr())
+    with torch.no_grad():
+        w.mul_(-0.5)
+    y, gf = step()  # the last graph is freed: laid out again in place, no allocation
+    assert wl._ENTRIES[id(w)] is entry and (entry.gemm.data_ptr(), entry.transposed.data_ptr()) == buffers
+    y_ref, gf_ref, _ = _uncached_compact(st, w, 1)
+    assert torch.equal(y, y_ref) and torch.equal(gf, gf_ref)
+
+    held = tcm_kernels.submanifold_conv_compact(st.features.clone().requires_grad_(), st.kernel_map(), w)
+    old = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    step()  # `held`'s graph still reads the old layout: a new entry, the old buffers untouched
+    assert wl._ENTRIES[id(w)] is not entry
+    assert torch.equal(entry.gemm, old.reshape(1, 12, 8, 27).transpose(2, 3))
+    held.sum().backward()  # still differentiable through the old version
