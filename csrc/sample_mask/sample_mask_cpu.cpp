@@ -57,10 +57,11 @@ TCM_CLONES void weighted_keys(uint64_t* key, const float* score, int64_t n, cons
 }
 
 // Whether every score of the row is finite and >= 0 (one vectorised pass; NaN fails both tests).
+// (An int accumulator: GCC does not vectorise the same loop over a bool.)
 TCM_CLONES bool scores_valid(const float* score, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= (score[i] >= 0.0f) & (score[i] <= std::numeric_limits<float>::max());
-  return ok;
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !((score[i] >= 0.0f) & (score[i] <= std::numeric_limits<float>::max()));
+  return bad == 0;
 }
 
 // Masks the k smallest of `count` packed candidates (consumed in place).
@@ -119,11 +120,14 @@ void sample_row(const float* scores, int64_t n, int64_t num_masked, const Params
     case kStratified: {
       packed_random_keys(other, n, p.seed, p.offset, row);
       // compact the strata in one pass: ROI from the front of key, background from the back
-      // (order within a stratum is free: packed keys carry their patch index)
+      // (order within a stratum is free: packed keys carry their patch index). Both free ends
+      // get the key and only one end moves: two stores instead of a branch, which GCC emits
+      // for a select of the address.
       int64_t front = 0, back = n;
       for (int64_t i = 0; i < n; ++i) {
         const bool roi = scores[i] >= p.roi_threshold;
-        key[roi ? front : back - 1] = other[i];
+        key[front] = other[i];
+        key[back - 1] = other[i];
         front += roi;
         back -= !roi;
       }
@@ -169,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_mask_cpu(const at::Tensor&
   const int64_t n_keep = n - num_masked;
   const bool check_scores = p.strategy != kUniform;
   at::parallel_for(0, b, grain, [&](int64_t begin, int64_t end) {
+    const int64_t row_keep = n_keep;  // a local copy: stores through the output pointers may alias the capture
     RowScratch scratch(n);
     const uint8_t* masked = scratch.masked.data();
     int64_t* keep = scratch.keep.data();
@@ -183,10 +188,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_mask_cpu(const at::Tensor&
         const bool vis = !masked[i];
         vis_row[i] = vis;
         keep[kept] = i;  // a masked patch's write is overwritten by the next kept one (or lands in the slack)
-        restore_row[i] = vis ? kept : n_keep + (i - kept);
+        // vis ? kept : n_keep + (i - kept), as a mask: GCC compiles the select into a branch
+        const int64_t slot_if_masked = row_keep + (i - kept);
+        restore_row[i] = slot_if_masked + ((kept - slot_if_masked) & -static_cast<int64_t>(vis));
         kept += vis;
       }
-      std::memcpy(keep_ptr + r * n_keep, keep, sizeof(int64_t) * n_keep);
+      std::memcpy(keep_ptr + r * row_keep, keep, sizeof(int64_t) * row_keep);
     }
   });
   return std::make_tuple(visible, ids_keep, ids_restore);
