@@ -98,7 +98,7 @@ void mask_smallest_wide(RowScratch& rs, int64_t n, int64_t k, uint8_t* masked) {
     finite &= std::isfinite(s[i]);
     lo = std::min(lo, s[i]);
   }
-  TCM_CHECK_VALUE(finite, "sample_mask", "scores must be finite (no NaN or inf)");
+  TCM_CHECK_VALUE(finite, "sample_mask", "scores must be finite in float32 (no NaN or inf)");
   TCM_CHECK_VALUE(false, "sample_mask", "scores must be >= 0, got min ", lo);
   __builtin_unreachable();
 }
