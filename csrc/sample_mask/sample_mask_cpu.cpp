@@ -78,9 +78,16 @@ void mask_smallest_wide(RowScratch& rs, int64_t n, int64_t k, uint8_t* masked) {
   const uint64_t* key = rs.key.data();
   std::copy(key, key + n, rs.other.begin());
   const uint64_t t = select_kth(rs.other.data(), n, k - 1);
-  int64_t below = 0;
-  for (int64_t i = 0; i < n; ++i) below += key[i] < t;
-  int64_t ties = k - below;  // >= 1: t itself
+  int64_t below = 0, equal = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    below += key[i] < t;
+    equal += key[i] == t;
+  }
+  if (below + equal == k) {  // every key == t is masked (the usual case: t is unique), one vector pass
+    for (int64_t i = 0; i < n; ++i) masked[i] = key[i] <= t;
+    return;
+  }
+  int64_t ties = k - below;  // fewer than `equal`: the lowest indices win
   for (int64_t i = 0; i < n; ++i) {
     const bool eq = key[i] == t;
     masked[i] = (key[i] < t) | (eq & (ties > 0));
