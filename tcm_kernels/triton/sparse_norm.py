@@ -190,6 +190,16 @@ def _segment_part(OFFSETS, SPLITS):
 
 
 @triton.jit
+def _part_tile(ORDER, start, hi, cols, cin, C, HAS_ORDER: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(element offsets, row mask, element mask) of the BLOCK_R rows from ``start`` of a part ending at ``hi``."""
+    rows = start + tl.arange(0, BLOCK_R)
+    rin = rows < hi
+    if HAS_ORDER:
+        rows = tl.load(ORDER + rows, mask=rin, other=0)
+    return rows[:, None] * C + cols[None, :], rin, rin[:, None] & cin[None, :]
+
+
+@triton.jit
 def _segment_moments_kernel(X, ORDER, OFFSETS, PART_N, PART_MEAN, PART_M2, C, SPLITS, HAS_ORDER: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     s, k, lo, hi = _segment_part(OFFSETS, SPLITS)
@@ -200,12 +210,8 @@ def _segment_moments_kernel(X, ORDER, OFFSETS, PART_N, PART_MEAN, PART_M2, C, SP
     mean = tl.zeros((BLOCK_C,), acc_ty)
     m2 = tl.zeros((BLOCK_C,), acc_ty)
     for start in range(lo, hi, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        rin = rows < hi
-        if HAS_ORDER:
-            rows = tl.load(ORDER + rows, mask=rin, other=0)
-        on = rin[:, None] & cin[None, :]
-        x = tl.load(X + rows[:, None] * C + cols[None, :], mask=on, other=0).to(acc_ty)
+        off, rin, on = _part_tile(ORDER, start, hi, cols, cin, C, HAS_ORDER, BLOCK_R)
+        x = tl.load(X + off, mask=on, other=0).to(acc_ty)
         cnt = tl.sum(rin.to(acc_ty), 0)
         tile_mean = tl.sum(x, 0) / tl.maximum(cnt, 1.0)
         dev = tl.where(on, x - tile_mean[None, :], 0.0)
@@ -233,12 +239,7 @@ def _segment_grad_moments_kernel(DY, X, ORDER, OFFSETS, CENTER, PART_A, PART_B, 
     a = tl.zeros((BLOCK_C,), acc_ty)
     b = tl.zeros((BLOCK_C,), acc_ty)
     for start in range(lo, hi, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        rin = rows < hi
-        if HAS_ORDER:
-            rows = tl.load(ORDER + rows, mask=rin, other=0)
-        on = rin[:, None] & cin[None, :]
-        off = rows[:, None] * C + cols[None, :]
+        off, rin, on = _part_tile(ORDER, start, hi, cols, cin, C, HAS_ORDER, BLOCK_R)
         g = tl.load(DY + off, mask=on, other=0).to(acc_ty)
         x = tl.load(X + off, mask=on, other=0).to(acc_ty)
         a += tl.sum(g, 0)

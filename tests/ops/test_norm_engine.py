@@ -42,7 +42,8 @@ def _rows(n, c, segments, *, dtype=torch.float32, seed=0, order="sorted", offset
 PRIM_SHAPES = [(1, 1, 1), (37, 7, 1), (50, 13, 3), (300, 3, 40), (9, 5, 12), (6, 0, 2), (0, 4, 3)]
 # the interpreted Triton runs see fewer shapes: it is ~100x slower than the compiled kernels
 PRIM_CASES = [pytest.param(b.values[0], *shape, marks=b.marks, id=f"{b.id}-{'x'.join(map(str, shape))}")
-              for b in KERNEL_BACKENDS for shape in (PRIM_SHAPES if b.id == "cpu" else PRIM_SHAPES[:3] + PRIM_SHAPES[4:])]
+              for b in KERNEL_BACKENDS
+              for shape in (PRIM_SHAPES if b.id == "cpu" else PRIM_SHAPES[:3] + PRIM_SHAPES[4:])]
 
 
 @pytest.mark.parametrize("order", ["sorted", "shuffled", None])
@@ -129,7 +130,8 @@ def _out_and_grads(fn, x, seg, b, w, bias):
 
 
 COMPACT_SHAPES = [(1, 1, 1), (40, 7, 3), (120, 6, 5)]
-COMPACT_CASES = [pytest.param(b.values[0], *shape, order, marks=b.marks, id=f"{b.id}-{'x'.join(map(str, shape))}-{order}")
+COMPACT_CASES = [pytest.param(b.values[0], *shape, order, marks=b.marks,
+                              id=f"{b.id}-{'x'.join(map(str, shape))}-{order}")
                  for b in KERNEL_BACKENDS for shape in (COMPACT_SHAPES if b.id == "cpu" else COMPACT_SHAPES[:2])
                  for order in (("sorted", "shuffled") if b.id == "cpu" else ("shuffled",))]
 
