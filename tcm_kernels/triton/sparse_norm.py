@@ -289,8 +289,8 @@ def _segment_norm_backward_kernel(DY, X, SEG, DY_SCALE, X_SCALE, CENTER, SHIFT, 
 
 def _grouping(segment: torch.Tensor | None, rows: int, num_segments: int, device: torch.device):
     """(order or None, offsets int64 [S + 1]): segment s is rows order[offsets[s]:offsets[s + 1]]."""
-    if segment is None:
-        return None, torch.tensor([0] + [rows] * num_segments, dtype=torch.int64, device=device)
+    if segment is None:  # [0, N, ..., N], built on the device (a host list would be a blocking copy)
+        return None, torch.arange(num_segments + 1, device=device).clamp_max(1) * rows
     ids, order = torch.sort(segment, stable=True)
     return order, torch.searchsorted(ids, torch.arange(num_segments + 1, dtype=ids.dtype, device=device))
 

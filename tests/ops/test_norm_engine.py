@@ -248,3 +248,23 @@ def test_compile_fullgraph_matches_eager():
     (ye ** 2).sum().backward()
     (yc ** 2).sum().backward()
     assert_close_verbose(xc.grad, xe.grad, atol=1e-5, rtol=1e-5, name="compiled dx")
+
+
+@pytest.mark.parametrize("kind,groups", [("batch", 1), ("instance", 5), ("group", 1)])
+def test_engine_on_reference_primitives_matches_compiled(kind, groups):
+    """The synchronised compact batch norm runs the engine over the reference primitives when the
+    kernels are missing: same outputs and gradients as over the compiled ones."""
+    if not tcm_kernels._backend.compiled_available(OP):
+        pytest.skip("compiled kernels not built (tcm_kernels._C missing segment_moments)")
+    from tcm_kernels.ops.sparse_norm_engine import normalize
+
+    x, seg = _rows(40, 5, 3, order="shuffled", seed=7)
+    seg, s = (None, 1) if kind == "batch" else (seg, 3)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    outs = []
+    for backend in ("reference", "cpu"):
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        y = normalize(xr, seg, s, wr, br, 1e-5, kind, groups, layout="rows", backend=backend)[0]
+        outs.append((y, *torch.autograd.grad((y * loss_weights(y.shape)).sum(), (xr, wr, br))))
+    for a, e, name in zip(*outs, ("y", "dx", "dw", "db")):
+        assert_close_verbose(a, e, atol=1e-5, rtol=1e-5, name=name)
