@@ -18,7 +18,8 @@
 // the chunk mean) and a segment's chunks are merged with Chan's formula in chunk
 // order. The chunking does not depend on the thread count and there are no
 // atomics, so results are bitwise deterministic. The inner loops run over the
-// contiguous channels of a row, which the compiler vectorizes.
+// contiguous channels of a row (blocks of kLanes channels in the reductions), which
+// the compiler vectorizes.
 // Accumulation is in at::opmath_type (float for fp16/bf16/fp32, double for fp64).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -117,6 +118,68 @@ void check_dy(const char* op, const at::Tensor& dy, const at::Tensor& x) {
                   " ", x.scalar_type());
 }
 
+// Channel blocks of kLanes with their accumulators in local arrays: the constant-trip inner loop
+// of a full block (Full = true) is vectorized without alias checks; the last block of C % kLanes
+// channels runs the same code with a run-time width.
+constexpr int64_t kLanes = 16;
+
+// Moments of one chunk (rows [begin, end) of the grouping) for channels [c0, c0 + width).
+template <bool Full, typename scalar_t, typename acc_t>
+inline void chunk_moments(const scalar_t* __restrict__ x, const Grouping& g, const Chunk& ch, int64_t C, int64_t c0,
+                          int64_t width, acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+  const int64_t w = Full ? kLanes : width;
+  acc_t s[kLanes] = {}, q[kLanes] = {};
+  for (int64_t i = ch.begin; i < ch.end; ++i) {
+    const scalar_t* xr = x + g.row(i) * C + c0;
+    for (int64_t j = 0; j < w; ++j) s[j] += static_cast<acc_t>(xr[j]);
+  }
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(ch.end - ch.begin);
+  for (int64_t j = 0; j < w; ++j) s[j] *= inv;
+  for (int64_t i = ch.begin; i < ch.end; ++i) {
+    const scalar_t* xr = x + g.row(i) * C + c0;
+    for (int64_t j = 0; j < w; ++j) {
+      const acc_t d = static_cast<acc_t>(xr[j]) - s[j];
+      q[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) mean[j] = s[j], m2[j] = q[j];
+}
+
+// sum(dy) and sum(dy (x - center)) of one chunk for channels [c0, c0 + width).
+template <bool Full, typename scalar_t, typename acc_t>
+inline void chunk_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const Grouping& g,
+                            const Chunk& ch, int64_t C, int64_t c0, int64_t width, const acc_t* __restrict__ center,
+                            acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xc) {
+  const int64_t w = Full ? kLanes : width;
+  acc_t mu[kLanes] = {}, a[kLanes] = {}, b[kLanes] = {};
+  for (int64_t j = 0; j < w; ++j) mu[j] = center[j];
+  for (int64_t i = ch.begin; i < ch.end; ++i) {
+    const int64_t r = g.row(i) * C + c0;
+    for (int64_t j = 0; j < w; ++j) {
+      const acc_t d = static_cast<acc_t>(dy[r + j]);
+      a[j] += d;
+      b[j] += d * (static_cast<acc_t>(x[r + j]) - mu[j]);
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) sum_dy[j] = a[j], sum_dy_xc[j] = b[j];
+}
+
+// y = (x - mu) a + b over one row.
+template <typename scalar_t, typename acc_t>
+inline void scale_shift_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ mu,
+                            const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) y[c] = static_cast<scalar_t>((static_cast<acc_t>(x[c]) - mu[c]) * a[c] + b[c]);
+}
+
+// dx = dy a + (x - mu) q + b over one row.
+template <typename scalar_t, typename acc_t>
+inline void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                         const acc_t* __restrict__ a, const acc_t* __restrict__ q, const acc_t* __restrict__ mu,
+                         const acc_t* __restrict__ b, int64_t C) {
+  for (int64_t c = 0; c < C; ++c)
+    dx[c] = static_cast<scalar_t>(static_cast<acc_t>(dy[c]) * a[c] + (static_cast<acc_t>(x[c]) - mu[c]) * q[c] + b[c]);
+}
+
 int64_t row_grain(int64_t channels) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(channels, 1)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_moments_cpu(const at::Tensor& x_in,
@@ -140,23 +203,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_moments_cpu(const at::Ten
     std::vector<acc_t> part_mean(K * C), part_m2(K * C);
     at::parallel_for(0, K, 1, [&](int64_t kb, int64_t ke) {
       for (int64_t k = kb; k < ke; ++k) {
-        const Chunk ch = chunks[k];
-        acc_t* mu = part_mean.data() + k * C;
-        acc_t* q = part_m2.data() + k * C;
-        std::fill(mu, mu + C, acc_t(0));
-        std::fill(q, q + C, acc_t(0));
-        for (int64_t i = ch.begin; i < ch.end; ++i) {
-          const scalar_t* xr = xp + g.row(i) * C;
-          for (int64_t c = 0; c < C; ++c) mu[c] += static_cast<acc_t>(xr[c]);
-        }
-        const acc_t inv = acc_t(1) / static_cast<acc_t>(ch.end - ch.begin);
-        for (int64_t c = 0; c < C; ++c) mu[c] *= inv;
-        for (int64_t i = ch.begin; i < ch.end; ++i) {
-          const scalar_t* xr = xp + g.row(i) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(xr[c]) - mu[c];
-            q[c] += d * d;
-          }
+        for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+          acc_t* mu = part_mean.data() + k * C + c0;
+          acc_t* q = part_m2.data() + k * C + c0;
+          if (C - c0 >= kLanes)
+            chunk_moments<true>(xp, g, chunks[k], C, c0, kLanes, mu, q);
+          else
+            chunk_moments<false>(xp, g, chunks[k], C, c0, C - c0, mu, q);
         }
       }
     });
@@ -208,19 +261,15 @@ std::tuple<at::Tensor, at::Tensor> segment_grad_moments_cpu(const at::Tensor& dy
     std::vector<acc_t> part_a(K * C), part_b(K * C);
     at::parallel_for(0, K, 1, [&](int64_t kb, int64_t ke) {
       for (int64_t k = kb; k < ke; ++k) {
-        const Chunk ch = chunks[k];
-        const acc_t* mu = ce + ch.seg * C;
-        acc_t* a = part_a.data() + k * C;
-        acc_t* b = part_b.data() + k * C;
-        std::fill(a, a + C, acc_t(0));
-        std::fill(b, b + C, acc_t(0));
-        for (int64_t i = ch.begin; i < ch.end; ++i) {
-          const int64_t r = g.row(i) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(gp[r + c]);
-            a[c] += d;
-            b[c] += d * (static_cast<acc_t>(xp[r + c]) - mu[c]);
-          }
+        const Chunk& ch = chunks[k];
+        for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+          const acc_t* mu = ce + ch.seg * C + c0;
+          acc_t* a = part_a.data() + k * C + c0;
+          acc_t* b = part_b.data() + k * C + c0;
+          if (C - c0 >= kLanes)
+            chunk_grad_sums<true>(gp, xp, g, ch, C, c0, kLanes, mu, a, b);
+          else
+            chunk_grad_sums<false>(gp, xp, g, ch, C, c0, C - c0, mu, a, b);
         }
       }
     });
@@ -276,10 +325,7 @@ at::Tensor segment_scale_shift_cpu(const at::Tensor& x_in, const std::optional<a
     const acc_t* sh = shift.const_data_ptr<acc_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for_each_row(op, segment, N, S, C, [&](int64_t r, int64_t s) {
-      const scalar_t* xr = xp + r * C;
-      scalar_t* yr = yp + r * C;
-      const acc_t *mu = ce + s * C, *a = sc + s * C, *b = sh + s * C;
-      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>((static_cast<acc_t>(xr[c]) - mu[c]) * a[c] + b[c]);
+      scale_shift_row(xp + r * C, yp + r * C, ce + s * C, sc + s * C, sh + s * C, C);
     });
   });
   return y;
@@ -310,13 +356,7 @@ at::Tensor segment_norm_backward_cpu(const at::Tensor& dy_in, const at::Tensor& 
     const acc_t *cep = ce.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
     for_each_row(op, segment, N, S, C, [&](int64_t r, int64_t s) {
-      const scalar_t* xr = xp + r * C;
-      const scalar_t* gr = gp + r * C;
-      scalar_t* dr = dp + r * C;
-      const acc_t *a = gap + s * C, *q = xap + s * C, *mu = cep + s * C, *b = shp + s * C;
-      for (int64_t c = 0; c < C; ++c)
-        dr[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * a[c] + (static_cast<acc_t>(xr[c]) - mu[c]) * q[c] +
-                                      b[c]);
+      backward_row(gp + r * C, xp + r * C, dp + r * C, gap + s * C, xap + s * C, cep + s * C, shp + s * C, C);
     });
   });
   return dx;

@@ -72,12 +72,22 @@ def test_primitives_match_fp64_reference(backend, order, n, c, s):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_reductions_are_deterministic_and_order_free(backend):
-    """Bitwise equal on repeated runs; a shuffled row order gives the same statistics (to rounding)."""
+    """Bitwise equal on repeated runs (and thread counts); a shuffled row order gives the same statistics
+    (to rounding)."""
     x, seg = _rows(2000, 9, 3, seed=4)
     first = _op("moments", backend)(x, seg, 3)
     again = _op("moments", backend)(x, seg, 3)
     for u, v in zip(first, again):
         assert torch.equal(u, v)
+    if backend == "cpu":  # the chunking does not depend on the thread count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2 if threads == 1 else 1)
+        try:
+            other = _op("moments", backend)(x, seg, 3)
+        finally:
+            torch.set_num_threads(threads)
+        for u, v in zip(first, other):
+            assert torch.equal(u, v)
     perm = torch.randperm(2000, generator=torch.Generator().manual_seed(1))
     shuffled = _op("moments", backend)(x[perm], seg[perm], 3)
     for u, v, name in zip(first, shuffled, ("count", "mean", "m2")):
