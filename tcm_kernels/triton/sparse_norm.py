@@ -13,9 +13,11 @@ Tables are in the accumulation dtype (float32, float64 for float64 x); bf16/fp16
   deviations from the tile mean) and merged into the running (count, mean, M2)
   with Chan's formula. No atomics: deterministic.
 * rows reductions: the launcher sorts the segment ids (stable) once and finds each segment's
-  row range (``searchsorted``); every segment is cut into ``_SPLITS`` fixed parts, one program
-  per (segment, part, channel block) walks its part in BLOCK_R-row tiles (Chan's merge per
-  tile) and the [S, _SPLITS, C] partials are merged in torch in a fixed order. No atomics.
+  row range (``searchsorted``); every segment is cut into K equal parts (K from the shape
+  alone, :func:`_parts`: about ``_ROWS_PER_PART`` rows of an average segment each, so a batch
+  norm of one segment still fills the GPU), one program per (segment, part, channel block)
+  walks its part in BLOCK_R-row tiles (Chan's merge per tile) and the [S, K, C] partials are
+  merged in torch in a fixed order. No atomics: the same input gives the same bits.
 * elementwise passes (scale_shift, norm_backward): a 1-D grid over (plane, L tile) pairs,
   :func:`elementwise_grid` (a 2-D grid would cap L at 65,535 tiles: 67,107,840 sites).
 Every launch goes through ``_launch.launch`` (device guard, grid limits).
@@ -174,7 +176,8 @@ def masked_norm_backward(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, 
 
 # ----------------------------------------------------------------------------- rows layout (compact)
 
-_SPLITS = 16     # parts per segment of the rows reductions (fixed: results do not depend on the GPU)
+_ROWS_PER_PART = 2048  # rows of an average segment per program of the rows reductions
+_MAX_PARTS = 1024       # parts per segment at most (grid dimension 1 allows 65,535)
 _BLOCK_R = 32    # rows per tile
 _BLOCK_C = 32    # channels per program
 
@@ -295,8 +298,13 @@ def _grouping(segment: torch.Tensor | None, rows: int, num_segments: int, device
     return order, torch.searchsorted(ids, torch.arange(num_segments + 1, dtype=ids.dtype, device=device))
 
 
-def _reduction_grid(segments: int, channels: int) -> tuple[int, int, int]:
-    return (segments, _SPLITS, triton.cdiv(channels, _BLOCK_C))
+def _parts(rows: int, segments: int) -> int:
+    """Parts per segment of the rows reductions: a function of the shape only (deterministic results)."""
+    return max(1, min(_MAX_PARTS, rows // max(1, segments * _ROWS_PER_PART)))
+
+
+def _reduction_grid(segments: int, parts: int, channels: int) -> tuple[int, int, int]:
+    return (segments, parts, triton.cdiv(channels, _BLOCK_C))
 
 
 def _elementwise_rows_grid(rows: int, channels: int) -> tuple[int, int]:
@@ -309,11 +317,12 @@ def segment_moments(x: torch.Tensor, segment: torch.Tensor | None,
     x = x.contiguous()
     acc = accumulation_dtype(x.dtype)
     order, offsets = _grouping(segment, rows, num_segments, x.device)
-    part_n = torch.zeros(num_segments, _SPLITS, 1, dtype=acc, device=x.device)
-    part_mean = torch.zeros(num_segments, _SPLITS, c, dtype=acc, device=x.device)
+    parts = _parts(rows, num_segments)
+    part_n = torch.zeros(num_segments, parts, 1, dtype=acc, device=x.device)
+    part_mean = torch.zeros(num_segments, parts, c, dtype=acc, device=x.device)
     part_m2 = torch.zeros_like(part_mean)
-    launch("sparse_norm", _segment_moments_kernel, _reduction_grid(num_segments, c), x.device, x,
-           offsets if order is None else order, offsets, part_n, part_mean, part_m2, c, _SPLITS,
+    launch("sparse_norm", _segment_moments_kernel, _reduction_grid(num_segments, parts, c), x.device, x,
+           offsets if order is None else order, offsets, part_n, part_mean, part_m2, c, parts,
            HAS_ORDER=order is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
     count = (offsets[1:] - offsets[:-1]).to(acc)  # also right when C = 0 (no program stores a count)
     _, mean, m2 = merge_moments(part_n, part_mean, part_m2, 1)
@@ -336,11 +345,12 @@ def segment_grad_moments(dy: torch.Tensor, x: torch.Tensor, segment: torch.Tenso
     rows, c = x.shape
     num_segments = center.shape[0]
     order, offsets = _grouping(segment, rows, num_segments, x.device)
-    part_a = torch.zeros(num_segments, _SPLITS, c, dtype=center.dtype, device=x.device)
+    parts = _parts(rows, num_segments)
+    part_a = torch.zeros(num_segments, parts, c, dtype=center.dtype, device=x.device)
     part_b = torch.zeros_like(part_a)
-    launch("sparse_norm", _segment_grad_moments_kernel, _reduction_grid(num_segments, c), x.device,
+    launch("sparse_norm", _segment_grad_moments_kernel, _reduction_grid(num_segments, parts, c), x.device,
            dy.contiguous(), x.contiguous(), offsets if order is None else order, offsets, center.contiguous(),
-           part_a, part_b, c, _SPLITS, HAS_ORDER=order is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+           part_a, part_b, c, parts, HAS_ORDER=order is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
     return part_a.sum(1), part_b.sum(1)
 
 

@@ -278,3 +278,25 @@ def test_engine_on_reference_primitives_matches_compiled(kind, groups):
         outs.append((y, *torch.autograd.grad((y * loss_weights(y.shape)).sum(), (xr, wr, br))))
     for a, e, name in zip(*outs, ("y", "dx", "dw", "db")):
         assert_close_verbose(a, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", None])
+def test_triton_reductions_in_many_parts(monkeypatch, order):
+    """Big inputs cut each segment into several parts merged afterwards: forced here at a small size."""
+    if not tcm_kernels._backend.triton_available():
+        pytest.skip("triton not installed")
+    from tcm_kernels.triton import sparse_norm as tsn
+
+    monkeypatch.setattr(tsn, "_ROWS_PER_PART", 8)
+    x, seg = _rows(70, 5, 2, order=order, offset=3.0)
+    s = 1 if seg is None else 2
+    assert tsn._parts(70, s) > 1
+    _, mean, m2 = tsn.segment_moments(x, seg, s)
+    _, rm, rq = ref.segment_moments(x.double(), seg, s)
+    assert_close_verbose(mean, rm, atol=1e-5, rtol=1e-5, name="mean")
+    assert_close_verbose(m2, rq, atol=1e-4, rtol=1e-5, name="m2")
+    center = torch.randn(s, 5)
+    a, b = tsn.segment_grad_moments(x, x, seg, center)
+    ra, rb = ref.segment_grad_moments(x.double(), x.double(), seg, center.double())
+    assert_close_verbose(a, ra, atol=1e-4, rtol=1e-5, name="sum dy")
+    assert_close_verbose(b, rb, atol=1e-4, rtol=1e-5, name="sum dy xc")
