@@ -5,7 +5,10 @@ Baselines, side by side with ours (forward + backward in every row):
 * ``spark_gather``: SparK's SparseBatchNorm2d: ``x.permute(0, 2, 3, 1)[mask]``
   (a ``nonzero`` gather: host sync, data-dependent shape) -> nn.BatchNorm1d ->
   scatter into zeros -> permute back.
-* ``index_add`` / ``torch_batch_norm``: the compact [N, C] instance and batch norm as they were
+* ``tcm_gather_rows``: the masked-dense BN as gather -> the norm engine on rows -> scatter, the
+  layout adapter ``sparse_batch_norm`` could have used instead of reading the masked-dense tensor
+  in place (``tcm_cpu``).
+* ``baseline`` of the compact groups: the compact [N, C] instance and batch norm as they were
   before the norm-statistics engine (per-sample sums by ``index_add``, 7 passes forward and 8
   backward; ``torch.batch_norm`` on the rows), kept here as :class:`IndexAddInstanceNorm`;
   ``torch_dense``: ``nn.functional.instance_norm`` / ``batch_norm`` on every site of the dense
@@ -59,12 +62,26 @@ class SparKBatchNorm2d(torch.nn.BatchNorm1d):
         return out.permute(0, 3, 1, 2)
 
 
+class GatherRowsBatchNorm2d(SparseBatchNorm2d):
+    """The alternative masked-dense layout adapter of the norm engine: gather the active sites into
+    rows (``nonzero``), the rows engine, scatter back (what ``sparse_batch_norm`` does not do)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ii = mask.squeeze(1).nonzero(as_tuple=True)
+        bhwc = x.permute(0, 2, 3, 1)
+        rows = compact_batch_norm(bhwc[ii], self.running_mean, self.running_var, self.weight, self.bias,
+                                  momentum=self.momentum)
+        out = torch.zeros_like(bhwc)
+        out[ii] = rows
+        return out.permute(0, 3, 1, 2)
+
+
 BN_CASES = [(16, 256, 56, 0.4), (16, 256, 56, 0.6)]
 
 
 @pytest.mark.parametrize("b,c,s,keep", BN_CASES,
                          ids=[f"B{b}-C{c}-{s}x{s}-vis{int(k * 100)}" for b, c, s, k in BN_CASES])
-@pytest.mark.parametrize("provider", ["spark_gather", "tcm_cpu"])
+@pytest.mark.parametrize("provider", ["spark_gather", "tcm_cpu", "tcm_gather_rows"])
 def test_sparse_batch_norm_fwd_bwd(benchmark, provider, b, c, s, keep):
     if benchmark.disabled:  # CI smoke run: same code path, small shape
         b, c, s = 2, 8, 16
@@ -74,7 +91,8 @@ def test_sparse_batch_norm_fwd_bwd(benchmark, provider, b, c, s, keep):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(b, c, s, s, generator=g) * mask).requires_grad_()
     grad_out = torch.randn(b, c, s, s, generator=g) * mask
-    layer = SparKBatchNorm2d(c) if provider == "spark_gather" else SparseBatchNorm2d(c)
+    layer = {"spark_gather": SparKBatchNorm2d, "tcm_cpu": SparseBatchNorm2d, "tcm_gather_rows": GatherRowsBatchNorm2d}[
+        provider](c)
 
     def step():
         x.grad = None
