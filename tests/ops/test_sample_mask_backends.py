@@ -136,8 +136,6 @@ def test_default_backend_sends_long_cuda_rows_to_the_cuda_kernel(monkeypatch):
 
 # ---- the RNG pieces, bit for bit --------------------------------------------------------------
 
-
-
 @pytest.mark.parametrize("counter,key,expected", KAT, ids=["zeros", "ones", "pi"])
 def test_triton_philox_known_answers(counter, key, expected, device):
     words = philox4x32_10_triton(torch.tensor([counter], device=device), key[0] | key[1] << 32)
