@@ -351,7 +351,7 @@ def test_errors(call, exc, match):
                                        (float("inf"), "finite"), (float("-inf"), "finite")])
 def test_invalid_scores_raise_on_every_backend(backend, dtype, strategy, bad, match):
     """The CPU kernel checks float32 scores itself (the wrapper skips its passes there): same errors as elsewhere."""
-    s = torch.rand(300, 40).to(dtype)  # several rows per task, the bad one in the last task
+    s = torch.rand(1000, 40).to(dtype)  # 3 CPU tasks of 409 rows (grain ~16k patches): the bad row in the last
     s[-1, 17] = bad
     with pytest.raises(ValueError, match=match):
         tcm_kernels.sample_mask(s, 0.5, strategy=strategy, seed=1, backend=backend, **KW)
