@@ -37,8 +37,10 @@ struct RowScratch {
 // vectorises Philox and the portable log; target_clones adds AVX-512 and AVX2
 // versions picked at load time. Vector and scalar IEEE +,-,*,/ round identically,
 // and -ffp-contract=off keeps FMA out, so every clone yields the same bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11  // x86-64-v4: GCC 11+
 #define TCM_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TCM_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define TCM_CLONES
 #endif

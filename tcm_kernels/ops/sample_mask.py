@@ -206,7 +206,8 @@ def sample_mask(scores: torch.Tensor, mask_ratio: float | torch.Tensor, *, strat
     s32 = scores.detach().to(torch.float32).contiguous()
     # Every back end computes on the float32 scores, so those are what is checked. The compiled
     # CPU kernel checks each row itself, just before reading it, with the same errors: the two
-    # extra passes here cost about a sixth of the whole call at B=256, N=196.
+    # extra passes here took 0.11 ms of a 0.82 ms call at B=256, N=196 (2 threads, before the
+    # kernel's own speed-ups made that share larger).
     if strategy != "uniform" and chosen != "cpu":
         _check_scores(s32)
     args = (num_masked, strategy, seed, offset, temperature, roi_threshold, roi_mask_ratio, hard_fraction)
