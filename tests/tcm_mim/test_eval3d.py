@@ -19,14 +19,15 @@ def test_chest_3d_validation_block_is_on_the_training_side_with_guard_bands():
     task = chest_organ_task_3d()
     volume, _, _, train, test = chest_organ_volume(144)
     val_lo = test[0] - GUARD - VAL_SLICES  # just below the test block's guard band
-    assert [v.shape[0] for v, _ in task.val] == [VAL_SLICES]
-    assert torch.equal(task.val[0][0], torch.from_numpy(volume[val_lo:test[0] - GUARD]))
+    (image, labels), = task.val  # the block with VAL_SLICES slices of context below it, labelled -1 (not scored)
+    assert torch.equal(image, torch.from_numpy(volume[val_lo - VAL_SLICES:test[0] - GUARD]))
+    assert (labels[:VAL_SLICES] == -1).all() and (labels[VAL_SLICES:] >= 0).all()
     assert torch.equal(task.test[0][0], torch.from_numpy(volume[test[0]:test[-1] + 1]))
     # training: below the validation block's own guard band, and above the test block's
     assert torch.equal(task.train[0][0], torch.from_numpy(volume[:val_lo - GUARD]))
     assert torch.equal(task.train[1][0], torch.from_numpy(volume[test[-1] + 1 + GUARD:]))
     assert sum(v.shape[0] for v, _ in task.train) == len(train) - VAL_SLICES - GUARD
-    assert {int(c) for c in task.val[0][1].unique()} >= {0, 1, 3}  # lung and liver at least
+    assert {int(c) for c in labels.unique()} >= {-1, 0, 1, 3}  # lung and liver at least
 
 
 def test_patch_sampler_is_seeded_pads_and_oversamples_foreground():
@@ -84,3 +85,23 @@ def test_volume_comparison_chooses_from_validation_and_scores_only_the_chosen_st
     assert (tmp_path / "curves3d.png").exists()
     curve_reads.clear()
     assert run_volume_comparison(**args) == results and not curve_reads  # finished runs are reused
+
+
+def test_validation_dice_scores_only_the_labelled_slices_of_a_context_volume():
+    from torch import nn
+
+    from tcm_mim.eval.volume import mean_dice
+
+    target = torch.from_numpy(_blob_scans(1)["p0"].label_map[:, :16, :16]).long()
+
+    class Oracle(nn.Module):  # outputs the labels, and class 1 everywhere in the first 4 (context) slices
+        def forward(self, x):
+            out = target.clone()
+            out[:4] = 1
+            return nn.functional.one_hot(out, 3).movedim(-1, 0)[None].float()
+
+    context = target.clone()
+    context[:4] = -1
+    image = torch.zeros(1, *target.shape)[0]
+    assert mean_dice(Oracle(), [(image, context)], 3, 16) == pytest.approx(1.0)
+    assert mean_dice(Oracle(), [(image, target)], 3, 16) < 1  # scored there, the context slices would count

@@ -132,7 +132,8 @@ def run_volume_comparison(methods: Sequence[str], seeds: Sequence[int], steps: i
     lines = ["", "## Step counts chosen from the validation curves", "",
              f"Rule (`choose_step`, the same for every method): the first recorded step at which the validation "
              f"Dice averaged over every method and seed is within {TOLERANCE} of its best. Validation: "
-             f"{sum(v.shape[0] for v, _ in task.val)} training-side slices below the test block's guard band "
+             f"{sum(int((t >= 0).flatten(1).any(1).sum()) for _, t in task.val)} training-side slices below the test "
+             f"block's guard band, predicted with as many slices of context below them "
              f"(classes present: {', '.join(classes[c - 1] for c in _present(task.val))}).",
              "", "| mode | chosen step | mean validation Dice at each recorded step |", "|---|---:|---|"]
     for mode in MODES:
