@@ -27,6 +27,7 @@ def test_chest_3d_validation_block_is_on_the_training_side_with_guard_bands():
     assert torch.equal(task.train[0][0], torch.from_numpy(volume[:val_lo - GUARD]))
     assert torch.equal(task.train[1][0], torch.from_numpy(volume[test[-1] + 1 + GUARD:]))
     assert sum(v.shape[0] for v, _ in task.train) == len(train) - VAL_SLICES - GUARD
+    assert all((t >= 0).all() for _, t in task.train)  # the context's -1 marks stay in the validation volume
     assert {int(c) for c in labels.unique()} >= {-1, 0, 1, 3}  # lung and liver at least
 
 

@@ -297,7 +297,7 @@ def chest_organ_task_3d(validation: bool = True) -> VolumeTask:
     if val:
         lo = max(val[0] - VAL_SLICES, 0)
         image = torch.from_numpy(volume[lo:val[-1] + 1]).float()
-        labels = torch.from_numpy(target[lo:val[-1] + 1]).long()
+        labels = torch.from_numpy(target[lo:val[-1] + 1]).clone()  # not a view: the training slab shares it
         labels[:val[0] - lo] = -1
         context = [(image, labels)]
     return VolumeTask("chest_ct organ segmentation (3-D)", classes, slab(train), slab(test), spacing, context)
