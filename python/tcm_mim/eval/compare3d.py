@@ -21,7 +21,8 @@ import torch
 
 from ..models import build_encoder
 from ..train import Trainer, load_config
-from .volume import VolumeProtocol, VolumeSegmenter, VolumeTask, chest_organ_task_3d, score_volumes, train_volume_segmenter
+from .volume import (VolumeProtocol, VolumeSegmenter, VolumeTask, chest_organ_task_3d, score_volumes,
+                     train_volume_segmenter)
 
 MODES = ("probe", "finetune")
 TOLERANCE = 0.01  # validation Dice within this of the best mean point counts as converged
