@@ -21,6 +21,7 @@ import torch
 
 from ..models import build_encoder
 from ..train import Trainer, load_config
+from ..train.device import resolve_device
 from .volume import (VolumeProtocol, VolumeSegmenter, VolumeTask, chest_organ_task_3d, score_volumes,
                      train_volume_segmenter)
 
@@ -85,6 +86,7 @@ def _test_scores(run_dir: pathlib.Path, record: dict, mode: str, step: int, task
                                 protocol.width)
         state = torch.load(run_dir / "snapshots3d.pt", weights_only=True)[mode][step]
         model.load_state_dict(state)
+        model.to(resolve_device(cfg["device"]))  # where the run trained (the config's device key)
         scores = score_volumes(model.eval(), task.test, task.classes, task.spacing, cfg["image_size"],
                                protocol.overlap)
         cache[name] = {"dice": scores.dice, "hd95": scores.hd95}

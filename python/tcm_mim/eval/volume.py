@@ -78,12 +78,15 @@ class VolumeScores:
 
 def sliding_window_predict(model: nn.Module, image: torch.Tensor, roi: int, *, overlap: float = 0.5,
                            sw_batch_size: int = 2) -> torch.Tensor:
-    """Logits [1, classes, *S] of ``image`` [1, 1, *S]: windows of ``roi``^3 with ``overlap``, Gaussian-weighted."""
+    """Logits [1, classes, *S] (on the CPU) of ``image`` [1, 1, *S]: windows of ``roi``^3 with ``overlap``,
+    Gaussian-weighted, computed on the device of ``model``."""
     require("monai", package="monai", purpose="3-D evaluation (sliding-window inference)")
     from monai.inferers import sliding_window_inference
 
+    device = next(model.parameters(), torch.empty(0)).device  # the model's (a GPU node evaluates on its GPU)
     with torch.no_grad():
-        return sliding_window_inference(image, (roi,) * 3, sw_batch_size, model, overlap=overlap, mode="gaussian")
+        return sliding_window_inference(image.to(device), (roi,) * 3, sw_batch_size, model, overlap=overlap,
+                                        mode="gaussian").cpu()
 
 
 def volume_scores(pred: torch.Tensor, target: torch.Tensor, classes: Sequence[str],
@@ -204,7 +207,8 @@ def train_volume_segmenter(sparse_encoder: nn.Module, volumes: Sequence[tuple[to
                            val: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), every: int = 0,
                            snapshots: dict[int, dict] | None = None) -> tuple[VolumeSegmenter, list]:
     """Train a :class:`VolumeSegmenter` on ``roi``^3 patches of ``volumes`` (image float [*S] in [0, 1], target
-    long [*S]); ``probe`` freezes the encoder (decoder only), ``finetune`` trains both.
+    long [*S]); ``probe`` freezes the encoder (decoder only), ``finetune`` trains both; on the device of
+    ``sparse_encoder`` (a pretraining run on a GPU evaluates on it).
 
     Returns (model in eval mode, learning curve): with ``every`` > 0 and ``val`` volumes, the curve is
     [(step, validation mean Dice)] every ``every`` steps (and at ``steps``), and ``snapshots[step]`` (if given)
@@ -218,7 +222,8 @@ def train_volume_segmenter(sparse_encoder: nn.Module, volumes: Sequence[tuple[to
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
-    model = VolumeSegmenter(sparse_encoder, classes, protocol.width)
+    device = next(sparse_encoder.parameters()).device  # train where the pretrained encoder lives
+    model = VolumeSegmenter(sparse_encoder, classes, protocol.width).to(device)
     if mode == "probe":
         model.encoder.requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -231,8 +236,8 @@ def train_volume_segmenter(sparse_encoder: nn.Module, volumes: Sequence[tuple[to
     curve = []
     for step in range(1, steps + 1):
         batch = [sample() for _ in range(protocol.batch_size)]
-        images = torch.stack([b[0] for b in batch])[:, None]
-        targets = torch.stack([b[1] for b in batch])[:, None]
+        images = torch.stack([b[0] for b in batch])[:, None].to(device)
+        targets = torch.stack([b[1] for b in batch])[:, None].to(device)
         model.decoder.train()
         if mode == "finetune":
             model.encoder.train()
