@@ -18,8 +18,7 @@
 // the chunk mean) and a segment's chunks are merged with Chan's formula in chunk
 // order. The chunking does not depend on the thread count and there are no
 // atomics, so results are bitwise deterministic. The inner loops run over the
-// contiguous channels of a row (blocks of kLanes channels in the reductions), which
-// the compiler vectorizes; each loop has AVX-512 / AVX2 / baseline clones picked at
+// contiguous channels of a row, which the compiler vectorizes; each loop has AVX-512 / AVX2 / baseline clones picked at
 // load time (../common/cpu_dispatch.h), all giving the same bits.
 // Accumulation is in at::opmath_type (float for fp16/bf16/fp32, double for fp64).
 #include <ATen/Dispatch.h>
@@ -120,50 +119,49 @@ void check_dy(const char* op, const at::Tensor& dy, const at::Tensor& x) {
                   " ", x.scalar_type());
 }
 
-// Channel blocks of kLanes with their accumulators in local arrays: the constant-trip inner loop
-// of a full block (Full = true) is vectorized without alias checks; the last block of C % kLanes
-// channels runs the same code with a run-time width.
-constexpr int64_t kLanes = 16;
+// The reductions run row by row over all C channels, accumulating into the chunk's row of
+// the partial tables (in L1): a long contiguous inner loop that the loop vectorizer takes
+// at every ISA. (Blocks of 16 channels with register accumulators were left to SLP, which
+// gave up on the squared-deviation pass and emitted scalar code.)
 
-// Moments of one chunk (rows [begin, end) of the grouping) for channels [c0, c0 + width).
-template <bool Full, typename scalar_t, typename acc_t>
-TCM_CLONE_INLINE void chunk_moments(const scalar_t* __restrict__ x, const Grouping& g, const Chunk& ch, int64_t C, int64_t c0,
-                          int64_t width, acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
-  const int64_t w = Full ? kLanes : width;
-  acc_t s[kLanes] = {}, q[kLanes] = {};
+// Moments of one chunk (rows [begin, end) of the grouping): mean [C] and m2 [C].
+template <typename scalar_t, typename acc_t>
+TCM_CLONE_INLINE void chunk_moments(const scalar_t* __restrict__ x, const Grouping& g, const Chunk& ch, int64_t C,
+                                    acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+  std::fill(mean, mean + C, acc_t(0));
+  std::fill(m2, m2 + C, acc_t(0));
   for (int64_t i = ch.begin; i < ch.end; ++i) {
-    const scalar_t* xr = x + g.row(i) * C + c0;
-    for (int64_t j = 0; j < w; ++j) s[j] += static_cast<acc_t>(xr[j]);
+    const scalar_t* __restrict__ xr = x + g.row(i) * C;
+    for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<acc_t>(xr[c]);
   }
   const acc_t inv = acc_t(1) / static_cast<acc_t>(ch.end - ch.begin);
-  for (int64_t j = 0; j < w; ++j) s[j] *= inv;
+  for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
   for (int64_t i = ch.begin; i < ch.end; ++i) {
-    const scalar_t* xr = x + g.row(i) * C + c0;
-    for (int64_t j = 0; j < w; ++j) {
-      const acc_t d = static_cast<acc_t>(xr[j]) - s[j];
-      q[j] += d * d;
+    const scalar_t* __restrict__ xr = x + g.row(i) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(xr[c]) - mean[c];
+      m2[c] += d * d;
     }
   }
-  for (int64_t j = 0; j < w; ++j) mean[j] = s[j], m2[j] = q[j];
 }
 
-// sum(dy) and sum(dy (x - center)) of one chunk for channels [c0, c0 + width).
-template <bool Full, typename scalar_t, typename acc_t>
-TCM_CLONE_INLINE void chunk_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const Grouping& g,
-                            const Chunk& ch, int64_t C, int64_t c0, int64_t width, const acc_t* __restrict__ center,
-                            acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xc) {
-  const int64_t w = Full ? kLanes : width;
-  acc_t mu[kLanes] = {}, a[kLanes] = {}, b[kLanes] = {};
-  for (int64_t j = 0; j < w; ++j) mu[j] = center[j];
+// sum(dy) and sum(dy (x - center)) of one chunk, [C] each.
+template <typename scalar_t, typename acc_t>
+TCM_CLONE_INLINE void chunk_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                      const Grouping& g, const Chunk& ch, int64_t C, const acc_t* __restrict__ center,
+                                      acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xc) {
+  std::fill(sum_dy, sum_dy + C, acc_t(0));
+  std::fill(sum_dy_xc, sum_dy_xc + C, acc_t(0));
   for (int64_t i = ch.begin; i < ch.end; ++i) {
-    const int64_t r = g.row(i) * C + c0;
-    for (int64_t j = 0; j < w; ++j) {
-      const acc_t d = static_cast<acc_t>(dy[r + j]);
-      a[j] += d;
-      b[j] += d * (static_cast<acc_t>(x[r + j]) - mu[j]);
+    const int64_t r = g.row(i) * C;
+    const scalar_t* __restrict__ dyr = dy + r;
+    const scalar_t* __restrict__ xr = x + r;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(dyr[c]);
+      sum_dy[c] += d;
+      sum_dy_xc[c] += d * (static_cast<acc_t>(xr[c]) - center[c]);
     }
   }
-  for (int64_t j = 0; j < w; ++j) sum_dy[j] = a[j], sum_dy_xc[j] = b[j];
 }
 
 // y = (x - mu) a + b over one row.
@@ -188,34 +186,15 @@ TCM_CLONE_INLINE void backward_row(const scalar_t* __restrict__ dy, const scalar
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 TCM_CLONE_INLINE void moments_chunks(const scalar_t* x, const Grouping& g, const Chunk* chunks, int64_t kb, int64_t ke,
                                      int64_t C, acc_t* part_mean, acc_t* part_m2) {
-  for (int64_t k = kb; k < ke; ++k) {
-    for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-      acc_t* mu = part_mean + k * C + c0;
-      acc_t* q = part_m2 + k * C + c0;
-      if (C - c0 >= kLanes)
-        chunk_moments<true>(x, g, chunks[k], C, c0, kLanes, mu, q);
-      else
-        chunk_moments<false>(x, g, chunks[k], C, c0, C - c0, mu, q);
-    }
-  }
+  for (int64_t k = kb; k < ke; ++k) chunk_moments(x, g, chunks[k], C, part_mean + k * C, part_m2 + k * C);
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 TCM_CLONE_INLINE void grad_sums_chunks(const scalar_t* dy, const scalar_t* x, const Grouping& g, const Chunk* chunks,
                                        int64_t kb, int64_t ke, int64_t C, const acc_t* center, acc_t* part_a,
                                        acc_t* part_b) {
-  for (int64_t k = kb; k < ke; ++k) {
-    const Chunk& ch = chunks[k];
-    for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-      const acc_t* mu = center + ch.seg * C + c0;
-      acc_t* a = part_a + k * C + c0;
-      acc_t* b = part_b + k * C + c0;
-      if (C - c0 >= kLanes)
-        chunk_grad_sums<true>(dy, x, g, ch, C, c0, kLanes, mu, a, b);
-      else
-        chunk_grad_sums<false>(dy, x, g, ch, C, c0, C - c0, mu, a, b);
-    }
-  }
+  for (int64_t k = kb; k < ke; ++k)
+    chunk_grad_sums(dy, x, g, chunks[k], C, center + chunks[k].seg * C, part_a + k * C, part_b + k * C);
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
