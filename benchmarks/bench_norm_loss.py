@@ -48,6 +48,13 @@ def _visible_grid(b: int, grid: tuple[int, ...], keep: float, seed: int = 0) -> 
     return tcm_kernels.sample_mask(scores, 1.0 - keep, strategy="uniform", seed=seed).visible
 
 
+def _patch_mask_2d(b: int, s: int, keep: float) -> torch.Tensor:
+    """[B, 1, s, s] MIM mask of 7 x 7 random patches (8 x 8 sites when s is no multiple of 7)."""
+    patch = s // 7 if s % 7 == 0 else 8
+    vis = _visible_grid(b, (s // patch, s // patch), keep)
+    return tcm_kernels.upsample_mask(vis.reshape(b, 1, s // patch, s // patch), patch)
+
+
 # ------------------------------------------------------------------------------------------- sparse batch norm
 
 class SparKBatchNorm2d(torch.nn.BatchNorm1d):
@@ -85,9 +92,7 @@ BN_CASES = [(16, 256, 56, 0.4), (16, 256, 56, 0.6)]
 def test_sparse_batch_norm_fwd_bwd(benchmark, provider, b, c, s, keep):
     if benchmark.disabled:  # CI smoke run: same code path, small shape
         b, c, s = 2, 8, 16
-    patch = s // 7 if s % 7 == 0 else 8
-    vis = _visible_grid(b, (s // patch, s // patch), keep)
-    mask = tcm_kernels.upsample_mask(vis.reshape(b, 1, s // patch, s // patch), patch)
+    mask = _patch_mask_2d(b, s, keep)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(b, c, s, s, generator=g) * mask).requires_grad_()
     grad_out = torch.randn(b, c, s, s, generator=g) * mask
@@ -190,9 +195,7 @@ def test_compact_batch_norm_2d_fwd_bwd(benchmark, provider, b, c, s, keep):
     B * 56^2 * keep; ``torch_batch_norm`` on the same rows is what the engine replaced."""
     if benchmark.disabled:  # CI smoke run: same code path, small shape
         b, c, s = 2, 8, 16
-    patch = s // 7 if s % 7 == 0 else 8
-    vis = _visible_grid(b, (s // patch, s // patch), keep)
-    mask = tcm_kernels.upsample_mask(vis.reshape(b, 1, s // patch, s // patch), patch)
+    mask = _patch_mask_2d(b, s, keep)
     g = torch.Generator().manual_seed(4)
     rows = tcm_kernels.SparseTensor.from_dense(torch.randn(b, c, s, s, generator=g), mask).features
     x = rows.clone().requires_grad_()
