@@ -166,16 +166,17 @@ TCM_CLONE_INLINE void chunk_grad_sums(const scalar_t* __restrict__ dy, const sca
 
 // y = (x - mu) a + b over one row.
 template <typename scalar_t, typename acc_t>
-TCM_CLONE_INLINE void scale_shift_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ mu,
-                            const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C) {
+TCM_CLONE_INLINE void scale_shift_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                      const acc_t* __restrict__ mu, const acc_t* __restrict__ a,
+                                      const acc_t* __restrict__ b, int64_t C) {
   for (int64_t c = 0; c < C; ++c) y[c] = static_cast<scalar_t>((static_cast<acc_t>(x[c]) - mu[c]) * a[c] + b[c]);
 }
 
 // dx = dy a + (x - mu) q + b over one row.
 template <typename scalar_t, typename acc_t>
-TCM_CLONE_INLINE void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-                         const acc_t* __restrict__ a, const acc_t* __restrict__ q, const acc_t* __restrict__ mu,
-                         const acc_t* __restrict__ b, int64_t C) {
+TCM_CLONE_INLINE void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                   scalar_t* __restrict__ dx, const acc_t* __restrict__ a, const acc_t* __restrict__ q,
+                                   const acc_t* __restrict__ mu, const acc_t* __restrict__ b, int64_t C) {
   for (int64_t c = 0; c < C; ++c)
     dx[c] = static_cast<scalar_t>(static_cast<acc_t>(dy[c]) * a[c] + (static_cast<acc_t>(x[c]) - mu[c]) * q[c] + b[c]);
 }
