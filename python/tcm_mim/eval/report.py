@@ -40,6 +40,7 @@ from ..train import PretrainConfig, Trainer, checkpoint, load_config
 from ..train.config import METHODS, config_from_dict
 from .probe import evaluate_encoder, learning_curve
 from .tasks import brain_lobe_task, chest_organ_task, scan_task
+from .compare3d import run_volume_comparison
 from .volume import VolumeTask, chest_organ_task_3d, evaluate_volume_task
 
 EVALS = (("chest organs, probe (Dice)", "chest", "probe"), ("chest organs, fine-tune (Dice)", "chest", "finetune"),
@@ -118,6 +119,10 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
     configuration and evaluation budget is reused, so an interrupted comparison continues.
     ``curve_every`` > 0: learning curves of every evaluation in ``<out>/curves.png`` / ``curves.json``."""
     dim = load_config(None, ["method=spark", *overrides]).spatial_dims
+    if dim == 3:  # the step counts are chosen from validation curves: docs/evaluation.md, 3-D
+        return run_volume_comparison(methods, seeds, steps, out, overrides, probe_steps, finetune_steps,
+                                     every=curve_every or max(1, max(probe_steps, finetune_steps) // 8),
+                                     progress=progress)
     tasks = embedded_tasks(dim)
     results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     curves: dict[str, list[dict[str, list]]] = {m: [] for m in methods}
@@ -400,7 +405,8 @@ def _main(argv: Sequence[str] | None) -> int:
                         help="--compare: the row differences are taken to (default: the first)")
     parser.add_argument("--curve-every", type=int, default=0,
                         help="comparison of 2-D encoders: record the test metric every N probe / fine-tune steps "
-                             "(curves.png, curves.json) to choose the step count from")
+                             "(curves.png, curves.json) to choose the step count from; 3-D encoders: the validation "
+                             "Dice every N steps (default: an eighth of the steps), the step count is chosen from it")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="PretrainConfig key=value applied to every run")
