@@ -48,6 +48,13 @@ def _visible_grid(b: int, grid: tuple[int, ...], keep: float, seed: int = 0) -> 
     return tcm_kernels.sample_mask(scores, 1.0 - keep, strategy="uniform", seed=seed).visible
 
 
+def _patch_mask_2d(b: int, s: int, keep: float) -> torch.Tensor:
+    """[B, 1, s, s] MIM mask of 7 x 7 random patches (8 x 8 sites when s is no multiple of 7)."""
+    patch = s // 7 if s % 7 == 0 else 8
+    vis = _visible_grid(b, (s // patch, s // patch), keep)
+    return tcm_kernels.upsample_mask(vis.reshape(b, 1, s // patch, s // patch), patch)
+
+
 # ------------------------------------------------------------------------------------------- sparse batch norm
 
 class SparKBatchNorm2d(torch.nn.BatchNorm1d):
@@ -85,9 +92,7 @@ BN_CASES = [(16, 256, 56, 0.4), (16, 256, 56, 0.6)]
 def test_sparse_batch_norm_fwd_bwd(benchmark, provider, b, c, s, keep):
     if benchmark.disabled:  # CI smoke run: same code path, small shape
         b, c, s = 2, 8, 16
-    patch = s // 7 if s % 7 == 0 else 8
-    vis = _visible_grid(b, (s // patch, s // patch), keep)
-    mask = tcm_kernels.upsample_mask(vis.reshape(b, 1, s // patch, s // patch), patch)
+    mask = _patch_mask_2d(b, s, keep)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(b, c, s, s, generator=g) * mask).requires_grad_()
     grad_out = torch.randn(b, c, s, s, generator=g) * mask
@@ -177,6 +182,35 @@ def test_compact_norm_3d_fwd_bwd(benchmark, provider, kind, b, c, s, keep):
     run(benchmark, step, group=f"compact_{kind}_norm-fwd+bwd-B{b}-C{c}-{s}cube-vis{int(keep * 100)}",
         provider=provider, baseline=provider == "baseline", bytes_moved=8 * x.numel() * 4, B=b, C=c, S=s,
         keep=keep, rows=st.features.shape[0], dtype="float32")
+
+
+ROWS_BN_CASES = [(16, 256, 56, 0.4)]
+
+
+@pytest.mark.parametrize("b,c,s,keep", ROWS_BN_CASES,
+                         ids=[f"B{b}-C{c}-{s}x{s}-vis{int(k * 100)}" for b, c, s, k in ROWS_BN_CASES])
+@pytest.mark.parametrize("provider", ["torch_batch_norm", "tcm_cpu"])
+def test_compact_batch_norm_2d_fwd_bwd(benchmark, provider, b, c, s, keep):
+    """A 2-D encoder's compact BN (ResNet-50 at stride 4): rows [N, C] of the visible sites, N =
+    B * 56^2 * keep; ``torch_batch_norm`` on the same rows is what the engine replaced."""
+    if benchmark.disabled:  # CI smoke run: same code path, small shape
+        b, c, s = 2, 8, 16
+    mask = _patch_mask_2d(b, s, keep)
+    g = torch.Generator().manual_seed(4)
+    rows = tcm_kernels.SparseTensor.from_dense(torch.randn(b, c, s, s, generator=g), mask).features
+    x = rows.clone().requires_grad_()
+    w, bias = (torch.rand(c, generator=g) + 0.5).requires_grad_(), torch.randn(c, generator=g).requires_grad_()
+    fn = ((lambda: torch.batch_norm(x, w, bias, None, None, True, 0.1, 1e-5, False)) if provider == "torch_batch_norm"
+          else (lambda: compact_batch_norm(x, None, None, w, bias, True, backend="cpu")))
+    grad_out = torch.randn(x.shape, generator=g)
+
+    def step():
+        x.grad = w.grad = bias.grad = None
+        fn().backward(grad_out)
+
+    run(benchmark, step, group=f"compact_batch_norm_2d-fwd+bwd-B{b}-C{c}-{s}x{s}-vis{int(keep * 100)}",
+        provider=provider, baseline=provider == "torch_batch_norm", bytes_moved=8 * x.numel() * 4, B=b, C=c, S=s,
+        keep=keep, rows=x.shape[0], dtype="float32")
 
 
 # ------------------------------------------------------------------------------------------- reconstruction loss

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/cpu_dispatch.h"
 #include "sample_mask_params.h"
 #include "select.h"
 
@@ -35,15 +36,8 @@ struct RowScratch {
 
 // The key loops are plain element-wise loops over the row so that the compiler
 // vectorises Philox and the portable log; target_clones adds AVX-512 and AVX2
-// versions picked at load time. Vector and scalar IEEE +,-,*,/ round identically,
+// versions picked at load time (../common/cpu_dispatch.h). Vector and scalar IEEE +,-,*,/ round identically,
 // and -ffp-contract=off keeps FMA out, so every clone yields the same bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11  // x86-64-v4: GCC 11+
-#define TCM_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TCM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TCM_CLONES
-#endif
 
 // 32-bit keys are packed as key << 32 | patch: the packed values are unique and order
 // exactly as (key, patch), so the k smallest packed values are the selection itself.

@@ -18,8 +18,8 @@
 // the chunk mean) and a segment's chunks are merged with Chan's formula in chunk
 // order. The chunking does not depend on the thread count and there are no
 // atomics, so results are bitwise deterministic. The inner loops run over the
-// contiguous channels of a row (blocks of kLanes channels in the reductions), which
-// the compiler vectorizes.
+// contiguous channels of a row, which the compiler vectorizes; each loop has AVX-512 / AVX2 / baseline clones picked at
+// load time (../common/cpu_dispatch.h), all giving the same bits.
 // Accumulation is in at::opmath_type (float for fp16/bf16/fp32, double for fp64).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/cpu_dispatch.h"
 #include "sparse_norm.h"
 
 namespace tcm {
@@ -118,67 +119,131 @@ void check_dy(const char* op, const at::Tensor& dy, const at::Tensor& x) {
                   " ", x.scalar_type());
 }
 
-// Channel blocks of kLanes with their accumulators in local arrays: the constant-trip inner loop
-// of a full block (Full = true) is vectorized without alias checks; the last block of C % kLanes
-// channels runs the same code with a run-time width.
-constexpr int64_t kLanes = 16;
+// The reductions run row by row over all C channels, accumulating into the chunk's row of
+// the partial tables (in L1): a long contiguous inner loop that the loop vectorizer takes
+// at every ISA. (Blocks of 16 channels with register accumulators were left to SLP, which
+// gave up on the squared-deviation pass and emitted scalar code.)
 
-// Moments of one chunk (rows [begin, end) of the grouping) for channels [c0, c0 + width).
-template <bool Full, typename scalar_t, typename acc_t>
-inline void chunk_moments(const scalar_t* __restrict__ x, const Grouping& g, const Chunk& ch, int64_t C, int64_t c0,
-                          int64_t width, acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
-  const int64_t w = Full ? kLanes : width;
-  acc_t s[kLanes] = {}, q[kLanes] = {};
+// Moments of one chunk (rows [begin, end) of the grouping): mean [C] and m2 [C].
+template <typename scalar_t, typename acc_t>
+TCM_CLONE_INLINE void chunk_moments(const scalar_t* __restrict__ x, const Grouping& g, const Chunk& ch, int64_t C,
+                                    acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+  std::fill(mean, mean + C, acc_t(0));
+  std::fill(m2, m2 + C, acc_t(0));
   for (int64_t i = ch.begin; i < ch.end; ++i) {
-    const scalar_t* xr = x + g.row(i) * C + c0;
-    for (int64_t j = 0; j < w; ++j) s[j] += static_cast<acc_t>(xr[j]);
+    const scalar_t* __restrict__ xr = x + g.row(i) * C;
+    for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<acc_t>(xr[c]);
   }
   const acc_t inv = acc_t(1) / static_cast<acc_t>(ch.end - ch.begin);
-  for (int64_t j = 0; j < w; ++j) s[j] *= inv;
+  for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
   for (int64_t i = ch.begin; i < ch.end; ++i) {
-    const scalar_t* xr = x + g.row(i) * C + c0;
-    for (int64_t j = 0; j < w; ++j) {
-      const acc_t d = static_cast<acc_t>(xr[j]) - s[j];
-      q[j] += d * d;
+    const scalar_t* __restrict__ xr = x + g.row(i) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(xr[c]) - mean[c];
+      m2[c] += d * d;
     }
   }
-  for (int64_t j = 0; j < w; ++j) mean[j] = s[j], m2[j] = q[j];
 }
 
-// sum(dy) and sum(dy (x - center)) of one chunk for channels [c0, c0 + width).
-template <bool Full, typename scalar_t, typename acc_t>
-inline void chunk_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const Grouping& g,
-                            const Chunk& ch, int64_t C, int64_t c0, int64_t width, const acc_t* __restrict__ center,
-                            acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xc) {
-  const int64_t w = Full ? kLanes : width;
-  acc_t mu[kLanes] = {}, a[kLanes] = {}, b[kLanes] = {};
-  for (int64_t j = 0; j < w; ++j) mu[j] = center[j];
+// sum(dy) and sum(dy (x - center)) of one chunk, [C] each.
+template <typename scalar_t, typename acc_t>
+TCM_CLONE_INLINE void chunk_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                      const Grouping& g, const Chunk& ch, int64_t C, const acc_t* __restrict__ center,
+                                      acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xc) {
+  std::fill(sum_dy, sum_dy + C, acc_t(0));
+  std::fill(sum_dy_xc, sum_dy_xc + C, acc_t(0));
   for (int64_t i = ch.begin; i < ch.end; ++i) {
-    const int64_t r = g.row(i) * C + c0;
-    for (int64_t j = 0; j < w; ++j) {
-      const acc_t d = static_cast<acc_t>(dy[r + j]);
-      a[j] += d;
-      b[j] += d * (static_cast<acc_t>(x[r + j]) - mu[j]);
+    const int64_t r = g.row(i) * C;
+    const scalar_t* __restrict__ dyr = dy + r;
+    const scalar_t* __restrict__ xr = x + r;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(dyr[c]);
+      sum_dy[c] += d;
+      sum_dy_xc[c] += d * (static_cast<acc_t>(xr[c]) - center[c]);
     }
   }
-  for (int64_t j = 0; j < w; ++j) sum_dy[j] = a[j], sum_dy_xc[j] = b[j];
 }
 
 // y = (x - mu) a + b over one row.
 template <typename scalar_t, typename acc_t>
-inline void scale_shift_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ mu,
-                            const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C) {
+TCM_CLONE_INLINE void scale_shift_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                      const acc_t* __restrict__ mu, const acc_t* __restrict__ a,
+                                      const acc_t* __restrict__ b, int64_t C) {
   for (int64_t c = 0; c < C; ++c) y[c] = static_cast<scalar_t>((static_cast<acc_t>(x[c]) - mu[c]) * a[c] + b[c]);
 }
 
 // dx = dy a + (x - mu) q + b over one row.
 template <typename scalar_t, typename acc_t>
-inline void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-                         const acc_t* __restrict__ a, const acc_t* __restrict__ q, const acc_t* __restrict__ mu,
-                         const acc_t* __restrict__ b, int64_t C) {
+TCM_CLONE_INLINE void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                   scalar_t* __restrict__ dx, const acc_t* __restrict__ a, const acc_t* __restrict__ q,
+                                   const acc_t* __restrict__ mu, const acc_t* __restrict__ b, int64_t C) {
   for (int64_t c = 0; c < C; ++c)
     dx[c] = static_cast<scalar_t>(static_cast<acc_t>(dy[c]) * a[c] + (static_cast<acc_t>(x[c]) - mu[c]) * q[c] + b[c]);
 }
+
+// The hot loops over a range of chunks or rows, one cloned entry point per dtype (target_clones
+// does not apply to templates): moments and grad sums of chunks [kb, ke) into their partial
+// tables, scale-shift and backward of rows [rb, re) with segment ids seg (nullptr = segment 0).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+TCM_CLONE_INLINE void moments_chunks(const scalar_t* x, const Grouping& g, const Chunk* chunks, int64_t kb, int64_t ke,
+                                     int64_t C, acc_t* part_mean, acc_t* part_m2) {
+  for (int64_t k = kb; k < ke; ++k) chunk_moments(x, g, chunks[k], C, part_mean + k * C, part_m2 + k * C);
+}
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+TCM_CLONE_INLINE void grad_sums_chunks(const scalar_t* dy, const scalar_t* x, const Grouping& g, const Chunk* chunks,
+                                       int64_t kb, int64_t ke, int64_t C, const acc_t* center, acc_t* part_a,
+                                       acc_t* part_b) {
+  for (int64_t k = kb; k < ke; ++k)
+    chunk_grad_sums(dy, x, g, chunks[k], C, center + chunks[k].seg * C, part_a + k * C, part_b + k * C);
+}
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+TCM_CLONE_INLINE void scale_shift_rows(const scalar_t* x, scalar_t* y, const int64_t* seg, int64_t rb, int64_t re,
+                                       int64_t C, const acc_t* center, const acc_t* scale, const acc_t* shift) {
+  for (int64_t r = rb; r < re; ++r) {
+    const int64_t s = seg == nullptr ? 0 : seg[r];
+    scale_shift_row(x + r * C, y + r * C, center + s * C, scale + s * C, shift + s * C, C);
+  }
+}
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+TCM_CLONE_INLINE void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const int64_t* seg,
+                                    int64_t rb, int64_t re, int64_t C, const acc_t* dy_scale, const acc_t* x_scale,
+                                    const acc_t* center, const acc_t* shift) {
+  for (int64_t r = rb; r < re; ++r) {
+    const int64_t s = seg == nullptr ? 0 : seg[r];
+    backward_row(dy + r * C, x + r * C, dx + r * C, dy_scale + s * C, x_scale + s * C, center + s * C,
+                 shift + s * C, C);
+  }
+}
+
+#define TCM_SEGMENT_NORM_CLONES(T)                                                                                  \
+  TCM_CLONES void moments_chunks_isa(const T* x, const Grouping& g, const Chunk* chunks, int64_t kb, int64_t ke,     \
+                                     int64_t C, at::opmath_type<T>* part_mean, at::opmath_type<T>* part_m2) {        \
+    moments_chunks(x, g, chunks, kb, ke, C, part_mean, part_m2);                                                     \
+  }                                                                                                                  \
+  TCM_CLONES void grad_sums_chunks_isa(const T* dy, const T* x, const Grouping& g, const Chunk* chunks, int64_t kb,  \
+                                       int64_t ke, int64_t C, const at::opmath_type<T>* center,                      \
+                                       at::opmath_type<T>* part_a, at::opmath_type<T>* part_b) {                     \
+    grad_sums_chunks(dy, x, g, chunks, kb, ke, C, center, part_a, part_b);                                           \
+  }                                                                                                                  \
+  TCM_CLONES void scale_shift_rows_isa(const T* x, T* y, const int64_t* seg, int64_t rb, int64_t re, int64_t C,      \
+                                       const at::opmath_type<T>* center, const at::opmath_type<T>* scale,            \
+                                       const at::opmath_type<T>* shift) {                                            \
+    scale_shift_rows(x, y, seg, rb, re, C, center, scale, shift);                                                    \
+  }                                                                                                                  \
+  TCM_CLONES void backward_rows_isa(const T* dy, const T* x, T* dx, const int64_t* seg, int64_t rb, int64_t re,      \
+                                    int64_t C, const at::opmath_type<T>* dy_scale, const at::opmath_type<T>* x_scale, \
+                                    const at::opmath_type<T>* center, const at::opmath_type<T>* shift) {             \
+    backward_rows(dy, x, dx, seg, rb, re, C, dy_scale, x_scale, center, shift);                                      \
+  }
+
+TCM_SEGMENT_NORM_CLONES(float)
+TCM_SEGMENT_NORM_CLONES(double)
+TCM_SEGMENT_NORM_CLONES(c10::Half)
+TCM_SEGMENT_NORM_CLONES(c10::BFloat16)
+#undef TCM_SEGMENT_NORM_CLONES
 
 int64_t row_grain(int64_t channels) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(channels, 1)); }
 
@@ -202,16 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_moments_cpu(const at::Ten
     const int64_t K = static_cast<int64_t>(chunks.size());
     std::vector<acc_t> part_mean(K * C), part_m2(K * C);
     at::parallel_for(0, K, 1, [&](int64_t kb, int64_t ke) {
-      for (int64_t k = kb; k < ke; ++k) {
-        for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-          acc_t* mu = part_mean.data() + k * C + c0;
-          acc_t* q = part_m2.data() + k * C + c0;
-          if (C - c0 >= kLanes)
-            chunk_moments<true>(xp, g, chunks[k], C, c0, kLanes, mu, q);
-          else
-            chunk_moments<false>(xp, g, chunks[k], C, c0, C - c0, mu, q);
-        }
-      }
+      moments_chunks_isa(xp, g, chunks.data(), kb, ke, C, part_mean.data(), part_m2.data());
     });
     acc_t* cp = count.mutable_data_ptr<acc_t>();
     acc_t* meanp = mean.mutable_data_ptr<acc_t>();
@@ -260,18 +316,7 @@ std::tuple<at::Tensor, at::Tensor> segment_grad_moments_cpu(const at::Tensor& dy
     const int64_t K = static_cast<int64_t>(chunks.size());
     std::vector<acc_t> part_a(K * C), part_b(K * C);
     at::parallel_for(0, K, 1, [&](int64_t kb, int64_t ke) {
-      for (int64_t k = kb; k < ke; ++k) {
-        const Chunk& ch = chunks[k];
-        for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-          const acc_t* mu = ce + ch.seg * C + c0;
-          acc_t* a = part_a.data() + k * C + c0;
-          acc_t* b = part_b.data() + k * C + c0;
-          if (C - c0 >= kLanes)
-            chunk_grad_sums<true>(gp, xp, g, ch, C, c0, kLanes, mu, a, b);
-          else
-            chunk_grad_sums<false>(gp, xp, g, ch, C, c0, C - c0, mu, a, b);
-        }
-      }
+      grad_sums_chunks_isa(gp, xp, g, chunks.data(), kb, ke, C, ce, part_a.data(), part_b.data());
     });
     acc_t* s1 = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* s2 = sum_dy_xc.mutable_data_ptr<acc_t>();
@@ -288,19 +333,21 @@ std::tuple<at::Tensor, at::Tensor> segment_grad_moments_cpu(const at::Tensor& dy
   return std::make_tuple(sum_dy, sum_dy_xc);
 }
 
-// The segment of row r: 0 without ids. Ids were range-checked when the statistics were
-// taken; an elementwise pass called on its own checks them again (one compare per row).
+// Calls f(rb, re, seg) on blocks of rows in parallel, seg = the segment ids (nullptr: every
+// row in segment 0). Ids were range-checked when the statistics were taken; an elementwise
+// pass called on its own checks them again (one compare per row, before the block's kernel).
 template <typename F>
-void for_each_row(const char* op, const std::optional<at::Tensor>& segment, int64_t N, int64_t S, int64_t C, F f) {
+void for_each_row_block(const char* op, const std::optional<at::Tensor>& segment, int64_t N, int64_t S, int64_t C,
+                        F f) {
   const at::Tensor seg_t = segment.has_value() ? segment->contiguous() : at::Tensor();
   const int64_t* seg = seg_t.defined() ? seg_t.const_data_ptr<int64_t>() : nullptr;
   if (seg == nullptr) TCM_CHECK_VALUE(N == 0 || S >= 1, op, "the tables must have a row for segment 0, got S = ", S);
   at::parallel_for(0, N, row_grain(C), [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r) {
-      const int64_t s = seg == nullptr ? 0 : seg[r];
-      TCM_CHECK_VALUE(s >= 0 && s < S, op, "segment ids must be in [0, ", S, "), got ", s, " at row ", r);
-      f(r, s);
-    }
+    if (seg != nullptr)
+      for (int64_t r = rb; r < re; ++r)
+        TCM_CHECK_VALUE(seg[r] >= 0 && seg[r] < S, op, "segment ids must be in [0, ", S, "), got ", seg[r], " at row ",
+                        r);
+    f(rb, re, seg);
   });
 }
 
@@ -324,8 +371,8 @@ at::Tensor segment_scale_shift_cpu(const at::Tensor& x_in, const std::optional<a
     const acc_t* sc = scale.const_data_ptr<acc_t>();
     const acc_t* sh = shift.const_data_ptr<acc_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for_each_row(op, segment, N, S, C, [&](int64_t r, int64_t s) {
-      scale_shift_row(xp + r * C, yp + r * C, ce + s * C, sc + s * C, sh + s * C, C);
+    for_each_row_block(op, segment, N, S, C, [&](int64_t rb, int64_t re, const int64_t* seg) {
+      scale_shift_rows_isa(xp, yp, seg, rb, re, C, ce, sc, sh);
     });
   });
   return y;
@@ -355,8 +402,8 @@ at::Tensor segment_norm_backward_cpu(const at::Tensor& dy_in, const at::Tensor& 
     const acc_t *gap = ga.const_data_ptr<acc_t>(), *xap = xa.const_data_ptr<acc_t>();
     const acc_t *cep = ce.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    for_each_row(op, segment, N, S, C, [&](int64_t r, int64_t s) {
-      backward_row(gp + r * C, xp + r * C, dp + r * C, gap + s * C, xap + s * C, cep + s * C, shp + s * C, C);
+    for_each_row_block(op, segment, N, S, C, [&](int64_t rb, int64_t re, const int64_t* seg) {
+      backward_rows_isa(gp, xp, dp, seg, rb, re, C, gap, xap, cep, shp);
     });
   });
   return dx;

@@ -233,7 +233,7 @@ def test_compare_reports_paired_differences_with_intervals(tmp_path):
 def test_chest_3d_task_trains_outside_the_block_and_tests_on_it():
     from tcm_mim.eval.volume import chest_organ_task_3d
 
-    task = chest_organ_task_3d()
+    task = chest_organ_task_3d(validation=False)  # the validation block: tests/tcm_mim/test_eval3d.py
     _, _, classes, train, test = chest_organ_volume(144)
     assert task.classes == classes and len(task.test) == 1 and task.test[0][0].shape[0] == len(test)
     assert sum(v.shape[0] for v, _ in task.train) == len(train) and len(task.train) == 2  # two slabs

@@ -39,6 +39,7 @@ from ..models import SparKMIM, build_encoder
 from ..train import PretrainConfig, Trainer, checkpoint, load_config
 from ..train.config import METHODS, ConfigError, config_from_dict
 from .probe import evaluate_encoder, learning_curve
+from .compare3d import run_volume_comparison
 from .tasks import brain_lobe_task, chest_organ_task, scan_task, with_label_fraction
 from .volume import VolumeTask, chest_organ_task_3d, evaluate_volume_task
 
@@ -222,6 +223,10 @@ def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_st
     if len(dims) != 1:
         raise UserError(f"tcm-eval: every run of a comparison must have the same spatial dims, got {sorted(dims)}")
     dim = dims.pop()
+    if dim == 3:  # the step counts are chosen from validation curves: docs/evaluation.md, 3-D
+        return run_volume_comparison(methods, seeds, steps, out, overrides, probe_steps, finetune_steps,
+                                     every=curve_every or max(1, max(probe_steps, finetune_steps) // 8),
+                                     progress=progress)
     tasks = embedded_tasks(dim, validation=select_steps)
     results: dict[str, list[dict[str, float]]] = {n: [{} for _ in seeds] for n in names}
     curves: dict[str, list[dict[str, list]]] = {n: [{} for _ in seeds] for n in names}
@@ -552,11 +557,12 @@ def _main(argv: Sequence[str] | None) -> int:
                         help="--compare: the row differences are taken to (default: the first)")
     parser.add_argument("--curve-every", type=int, default=0,
                         help="comparison of 2-D encoders: record the metric every N probe / fine-tune steps "
-                             "(curves.png, curves.csv, curves.json)")
+                             "(curves.png, curves.csv, curves.json); 3-D encoders: the validation Dice every N "
+                             "steps (default: an eighth of the steps), the step count is chosen from it")
     parser.add_argument("--select-steps", action="store_true",
-                        help="with --curve-every: --probe-steps / --finetune-steps are budgets; one step count per "
-                             "evaluation, for every method, is chosen from validation curves (carved from the "
-                             "training side, never the test block) and the test metric is read there")
+                        help="2-D comparison, with --curve-every: --probe-steps / --finetune-steps are budgets; one "
+                             "step count per evaluation, for every method, is chosen from validation curves (carved "
+                             "from the training side, never the test block) and the test metric is read there")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="PretrainConfig key=value applied to every run")
