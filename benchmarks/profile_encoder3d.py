@@ -1,6 +1,7 @@
 """Where one fwd+bwd step of a 3-D sparse encoder spends its time: ``python -m benchmarks.profile_encoder3d``.
 
-One warm-up step, then one step under ``torch.profiler``; every profiled CPU event's self time goes to one
+One warm-up step on a small input (2 x 2 x 2 patches, batch 1: lazy initialisation, kernel selection), then
+one step at the requested shape under ``torch.profiler``; every profiled CPU event's self time goes to one
 category, printed as a table with the machine (CPU model, ISA, threads), the shape and the load:
 
 * conv fwd / conv bwd: the submanifold 3^d convs (``tcm_kernels.nn.SubMConv3d``, stem included) and their
@@ -52,7 +53,7 @@ _MODULE_CATEGORY = ((tnn.SubMConv3d, "conv"), (SparseStridedConv, "downsample"),
                     (tnn.SparseDownsample3d, "downsample"),
                     ((tnn.SparseInstanceNorm3d, tnn.SparseBatchNorm3d, tnn.SparseLayerNorm), "norms"))
 _COPIES = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack", "aten::_to_copy"}
-_ACTIVATIONS = ("relu", "leaky_relu", "aten::add", "AddBackward", "ReluBackward", "LeakyReluBackward")
+_ACTIVATIONS = ("relu", "threshold", "Threshold", "aten::add", "AddBackward", "ReluBackward")
 
 
 def _range_hooks(model: nn.Module) -> list:
@@ -163,17 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     mask = _mask(args.batch, 3, args.side, patch, args.visible)
     image = torch.randn(args.batch, 1, *(args.side,) * 3) * mask
 
-    def step():
+    def step(image: torch.Tensor, mask: torch.Tensor) -> None:
         enc.zero_grad(set_to_none=True)
         feats = enc(image, mask)
         sum(f.sum() for f, _ in feats).backward()
 
-    step()  # warm-up: first-call allocations and caches
+    warm_mask = _mask(1, 3, 2 * patch, patch, 0.5)
+    step(torch.randn(1, 1, *(2 * patch,) * 3) * warm_mask, warm_mask)  # warm-up, at a fraction of the cost
     handles, undo = _range_hooks(enc), _function_ranges()
     try:
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
+            step(image, mask)
         wall = time.perf_counter() - start
     finally:
         for h in handles:

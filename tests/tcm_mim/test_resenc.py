@@ -153,3 +153,37 @@ def test_3d_config_uses_the_realistic_encoder():
     cfg = load_config(CONFIG_3D, [])
     assert cfg.encoder == "resenc3d" and cfg.spatial_dims == 3
     assert cfg.image_size % encoder_patch_size(cfg.encoder) == 0 and cfg.image_size // 32 >= 2
+
+
+def test_profile_breakdown_covers_every_op_once(capsys):
+    """benchmarks/profile_encoder3d: every profiled op's self time lands in exactly one part, and the parts that
+    the encoder has are non-zero."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import profile_encoder3d as prof_mod
+
+    assert prof_mod.main(["--encoder", "resenc3d_tiny", "--side", "64", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.strip("|").split("|")[:2] for line in out.splitlines() if line.startswith("| ")
+                and not line.startswith("| part"))
+    parts = {k.strip(): float(v) for k, v in rows.items()}
+    assert tuple(parts) == prof_mod.CATEGORIES
+    for part in ("conv fwd", "conv bwd", "norms", "downsample", "kernel maps", "layout", "activations + adds"):
+        assert parts[part] > 0, part
+
+    enc = build_encoder("resenc3d_tiny", dim=3)
+    mask = torch.zeros(1, 1, 64, 64, 64, dtype=torch.bool)
+    mask[..., :32, :, :] = True
+    handles, undo = prof_mod._range_hooks(enc), prof_mod._function_ranges()
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sum(f.sum() for f, _ in enc(torch.randn(1, 1, 64, 64, 64) * mask, mask)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for u in undo:
+            u()
+    events = prof.events()
+    totals = prof_mod.breakdown(events)
+    assert sum(totals.values()) == pytest.approx(sum(e.self_cpu_time_total for e in events) / 1e6, rel=1e-9)
+    assert totals["other"] < 0.2 * sum(totals.values())
