@@ -70,7 +70,12 @@ def test_encoder_fwd_bwd(benchmark, provider, case, visible):
         # orders grow through ResNet-50's 53 conv + batch-norm layers. Measured at the last stage
         # (B16, 40 % visible, max |feature| 14): ours vs an fp64 run of the dense emulation 1.9e-3, the
         # fp32 dense emulation itself 6.0e-4; both are ~1e-4 of the scale, so allow 3e-4 of it.
-        torch.testing.assert_close(a, b, rtol=0, atol=3e-4 * float(b.abs().max()))
+        # resenc3d (58 conv + instance-norm layers; its deepest stage normalises each sample over its 11-16
+        # visible patches at 96^3, which amplifies rounding): ours vs an fp64 run of the dense emulation at
+        # 64^3, batch 1, 60 % visible, 8.5e-4 of the scale at the last stage (2e-5 already at the first), the
+        # fp32 dense emulation 8e-5, ours in fp64 8e-13 (rounding, not a different result); at 96^3, batch 2,
+        # 40 %, ours vs the fp32 dense emulation 4.0e-4. Allow 2e-3 of the scale there.
+        torch.testing.assert_close(a, b, rtol=0, atol=(2e-3 if arch == "resenc3d" else 3e-4) * float(b.abs().max()))
     run(benchmark, step, group=f"encoder-fwd+bwd-{name}-vis{int(visible * 100)}", provider=provider,
         baseline=provider == "dense_emulation", arch=arch, batch=batch, side=side, visible=visible)
     if not benchmark.disabled:
