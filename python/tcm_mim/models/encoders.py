@@ -80,6 +80,9 @@ def _drop_path_rates(drop_path: float, blocks: int, owner: str) -> list[float]:
     return torch.linspace(0, drop_path, blocks).tolist() if blocks > 1 else [drop_path]
 
 
+_STEM_STRIDES = {"resnet": ResNetStem.stride, "conv": ConvStem.stride, "patchify": None}  # None: stem_stride
+
+
 class SparseResNet(_StagedEncoder):
     """ResNet sparse encoder (2D or 3D).
 
@@ -146,9 +149,6 @@ class SparseResNet(_StagedEncoder):
             self.channels.append(cin)
 
 
-_STEM_STRIDES = {"resnet": ResNetStem.stride, "conv": ConvStem.stride, "patchify": None}  # None: stem_stride
-
-
 class _NormDown(nn.Module):
     """ConvNeXt's downsampling layer: norm, then a stride-2 sparse downsample."""
 
@@ -180,8 +180,8 @@ class SparseConvNeXt(_StagedEncoder):
 
 
 # Modules that take a SparseTensor: the encoder's own blocks and tcm_kernels' layers.
-_COMPACT_READY = (_StagedEncoder, nn.ModuleList, PatchifyStem, ResNetStem, ConvStem, nn.Conv2d, nn.Conv3d, SparseMaxPool,
-                  SparseStridedConv, _NormDown, ConvNormAct, BasicBlock, Bottleneck, ConvNeXtBlock,
+_COMPACT_READY = (_StagedEncoder, nn.ModuleList, PatchifyStem, ResNetStem, ConvStem, nn.Conv2d, nn.Conv3d,
+                  SparseMaxPool, SparseStridedConv, _NormDown, ConvNormAct, BasicBlock, Bottleneck, ConvNeXtBlock,
                   tnn.SubMConv2d, tnn.SubMConv3d, tnn.SparseDownsample2d, tnn.SparseDownsample3d,
                   tnn.SparseBatchNorm2d, tnn.SparseBatchNorm3d, tnn.SparseSyncBatchNorm, tnn.SparseInstanceNorm2d,
                   tnn.SparseInstanceNorm3d, tnn.SparseGroupNorm, tnn.SparseLayerNorm)
