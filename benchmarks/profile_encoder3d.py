@@ -31,7 +31,6 @@ import argparse
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -95,12 +94,6 @@ def _function_ranges() -> list:
                (layers, "_strided_sites", "kernel maps"), (layers, "_window_rows", "kernel maps"),
                (SparseTensor, "from_dense", "layout"), (SparseTensor, "dense", "layout")]
     return [_wrap(owner, name, cat) for owner, name, cat in targets if name in vars(owner)]
-
-
-def _walk(events) -> Iterator:
-    for e in events:
-        yield e
-        yield from _walk(e.cpu_children)
 
 
 def breakdown(events) -> dict[str, float]:
