@@ -1,4 +1,4 @@
-"""Run the benchmark suites and write tables: `python -m benchmarks [-k EXPR] [--quick] [--out DIR] [bench_file ...]`.
+"""Run the benchmark suites and write tables: `python -m benchmarks [-k EXPR] [--quick] [--cpu-time] [--out DIR] [bench_file ...]`.
 
 ``--quick`` (make gpu-check): 3 rounds, at most 0.05 s per benchmark, no warm-up rounds beyond the
 one every benchmark makes before its memory probe. For each run, under benchmarks/results/ (or ``--out``): <stamp>.json (pytest-benchmark's raw
@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--quick", action="store_true", help="3 rounds, <= 0.05 s per benchmark")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU time (time.process_time) instead of the wall clock: other "
+                             "jobs on a shared machine then barely change the figures; it sums every thread (spinning "
+                             "ones too), so use it with OMP_NUM_THREADS=1")
     args = parser.parse_args(argv)
     results = pathlib.Path(args.out) if args.out else RESULTS
     here = pathlib.Path(__file__).resolve().parent
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = results / f"{stamp}.json"
     timing = ["--benchmark-min-rounds=3", "--benchmark-max-time=0.05"] if args.quick else \
         ["--benchmark-min-rounds=5", "--benchmark-max-time=0.5"]
+    if args.cpu_time:
+        timing.append("--benchmark-timer=time.process_time")
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw}", *timing]
     if args.k:
         cmd += ["-k", args.k]
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# Benchmarks {stamp}\n\nMachine: {run_info.get('cpu_model', '?')}, ISA {run_info.get('isa', '?')}, "
               f"{run_info.get('threads', '?')} threads of {info.get('cpu', {}).get('count', '?')} logical CPUs; "
               f"torch {run_info.get('torch', '?')}, triton {run_info.get('triton', '?')}, "
-              f"python {info.get('python_version', '?')}.\n"
+              f"python {info.get('python_version', '?')}; timer: "
+              f"{'CPU time (process_time)' if args.cpu_time else 'wall clock'}.\n"
               f"Command: `python -m benchmarks {' '.join(argv or sys.argv[1:])}`\n\n")
     (results / f"{stamp}.md").write_text(header + md)
     plot(speedups, results / f"{stamp}.png")

@@ -9,7 +9,10 @@ Baselines, side by side per layer shape and mask:
 * ``tcm_cpu_patch``: our experimental patch-block path (``tcm_kernels.experimental.submanifold_conv_patch``):
   dense tiles with halos cut from the masked-dense input by strided views, one oneDNN conv over all active tiles;
 * ``tcm_cpu_compact``: the generic engine on the compact layout (features already [N, C] with a cached
-  kernel map: no gather/scatter), what the SparseTensor encoders run;
+  kernel map: no gather/scatter), what the SparseTensor encoders run; its weight layouts are cached across
+  calls (tcm_kernels/ops/weight_layout.py), as in gradient accumulation or evaluation;
+* ``tcm_cpu_compact_step`` (3-D forward+backward): the same with the weight updated in place before every
+  call, as by an optimizer step, so the layouts are rebuilt every call: the cost of a training step;
 * ``mm_same_gemm``: one at::mm of the same useful work ([N_active, k^d C] x [k^d C, C]), the
   reference rate for the GFLOP/s target (forward only);
 * ``kernel_map``: the kernel-map build alone (forward only).
@@ -20,8 +23,8 @@ dense reference before it is timed; a wrong one keeps its time but is named
 per active output site (x3 for forward+backward), for every provider.
 
 Shapes: ResNet-50's four stage widths of a 224^2 image (56^2 C64 ... 7^2 C512), batch 16,
-3x3 kernels; masks of SparK (patch 32, 60 % masked) and TCM (40 % masked); 3D: 96^3, patch 16,
-C 32 and 64, batch 2. ``--benchmark-disable`` (CI) shrinks every shape to batch 1 and 1/4 the side.
+3x3 kernels; masks of SparK (patch 32, 60 % masked) and TCM (40 % masked); 3D: the stages of a
+residual encoder on a 96^3 crop with 16^3 patches, batch 2 (96^3 C32 and C64, 48^3 C64, 24^3 C128, 12^3 C320). ``--benchmark-disable`` (CI) shrinks every shape to batch 1 and 1/4 the side.
 
 ``sparse_downsample`` group (forward): ResNet-50's stage transitions at 224^2 (stride-2 kernel-2 conv,
 C -> C: 256 at 56^2, 512 at 28^2, 1024 at 14^2; batch 16), providers ``dense_strided`` (baseline: the
@@ -46,7 +49,9 @@ HAS_SPCONV = importlib.util.find_spec("spconv") is not None
 # (name, nd, side, channels, patch at this scale, batch)
 LAYERS_2D = [("r50_s1_56", 2, 56, 64, 8, 16), ("r50_s2_28", 2, 28, 128, 4, 16), ("r50_s3_14", 2, 14, 256, 2, 16),
              ("r50_s4_7", 2, 7, 512, 1, 16)]
-LAYERS_3D = [("vol96_c32", 3, 96, 32, 16, 2), ("vol96_c64", 3, 96, 64, 16, 2)]
+# 3-D: the stages of a residual encoder on a 96^3 crop with 16^3 patches (stride 1, 2, 4, 8: widths 32 ... 320).
+LAYERS_3D = [("vol96_c32", 3, 96, 32, 16, 2), ("vol96_c64", 3, 96, 64, 16, 2), ("vol48_c64", 3, 48, 64, 8, 2),
+             ("vol24_c128", 3, 24, 128, 4, 2), ("vol12_c320", 3, 12, 320, 2, 2)]
 MASKS = {"spark_vis40": 0.4, "tcm_vis60": 0.6}
 
 
@@ -104,8 +109,12 @@ def _grad_out(x, w):
     return torch.randn((x.shape[0], w.shape[0], *x.shape[2:]), generator=torch.Generator().manual_seed(1)).to(x)
 
 
-def _compact_provider(x, mask, w, backward: bool):
-    """Features already compact, kernel map cached (built outside the timed call, once per set of sites)."""
+def _compact_provider(x, mask, w, backward: bool, step: bool = False):
+    """Features already compact, kernel map cached (built outside the timed call, once per set of sites).
+
+    ``step``: the weight is updated in place before every call, as by an optimizer step, so the engine's
+    weight layouts are rebuilt every call (without it, repeated calls reuse them: gradient accumulation).
+    """
     st = tcm_kernels.SparseTensor.from_dense(x, mask)
     km = st.kernel_map()
 
@@ -119,6 +128,9 @@ def _compact_provider(x, mask, w, backward: bool):
 
     def call():
         fg.grad = wg.grad = None
+        if step:
+            with torch.no_grad():
+                wg.mul_(1.0)  # a new version of the same values
         y = tcm_kernels.submanifold_conv_compact(fg, km, wg, backend="cpu")
         y.backward(grad)
         return y
@@ -144,8 +156,8 @@ def _dense_call(conv, x, w, backward: bool):
 
 def _provider(provider: str, x, mask, w, patch: int, backward: bool):
     """(callable, function mapping its result to (y, grads...)) for one provider."""
-    if provider == "tcm_cpu_compact":
-        return _compact_provider(x, mask, w, backward)
+    if provider in ("tcm_cpu_compact", "tcm_cpu_compact_step"):
+        return _compact_provider(x, mask, w, backward, step=provider == "tcm_cpu_compact_step")
     if provider == "spconv":
         call, to_dense = _spconv_forward(x, mask, w)
         return call, lambda out: (to_dense(out),)
@@ -211,7 +223,8 @@ def test_submconv_3d_forward(benchmark, layer, mask_name, provider):
     _bench(benchmark, layer, mask_name, provider, backward=False)
 
 
-@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact", "tcm_cpu_patch"])
+@pytest.mark.parametrize("provider", ["dense_emulation", "tcm_cpu", "tcm_cpu_compact", "tcm_cpu_compact_step",
+                                      "tcm_cpu_patch"])
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("layer", LAYERS_3D, ids=[l[0] for l in LAYERS_3D])
 def test_submconv_3d_forward_backward(benchmark, layer, mask_name, provider):

@@ -91,7 +91,7 @@ def _wrap(owner, name: str, category: str):
 def _function_ranges() -> list:
     """Ranges around the site-map builders and the layout changes (undo callables)."""
     targets = [(KernelMap, "from_coords", "kernel maps"), (KernelMap, "from_sites", "kernel maps"),
-               (layers, "_strided_sites", "kernel maps"), (layers, "_window_rows", "kernel maps"),
+               (SparseTensor, "coarsen", "kernel maps"), (layers, "_window_rows", "kernel maps"),
                (SparseTensor, "from_dense", "layout"), (SparseTensor, "dense", "layout")]
     return [_wrap(owner, name, cat) for owner, name, cat in targets if name in vars(owner)]
 

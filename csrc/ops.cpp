@@ -24,6 +24,17 @@ TORCH_LIBRARY(tcm, m) {
   m.def(
       "masked_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor dy_scale, Tensor x_scale, Tensor center, "
       "Tensor shift) -> Tensor");
+  // The same engine over rows: x [N, C] (compact layout) with segment int64 [N] (None = one
+  // segment) in any order; per-(segment, channel) tables [S, C] in the opmath dtype of x.
+  // See tcm_kernels/ops/sparse_norm.py and csrc/sparse_norm/segment_norm_cpu.cpp.
+  m.def("segment_moments(Tensor x, Tensor? segment, int num_segments) -> (Tensor count, Tensor mean, Tensor m2)");
+  m.def("segment_scale_shift(Tensor x, Tensor? segment, Tensor center, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "segment_grad_moments(Tensor dy, Tensor x, Tensor? segment, Tensor center) -> (Tensor sum_dy, "
+      "Tensor sum_dy_xc)");
+  m.def(
+      "segment_norm_backward(Tensor dy, Tensor x, Tensor? segment, Tensor dy_scale, Tensor x_scale, "
+      "Tensor center, Tensor shift) -> Tensor");
   // Per-patch (normalized-pixel) MSE of pred vs target [B, C, *S] -> per_patch [B, N];
   // see tcm_kernels/ops/recon_loss.py.
   m.def("recon_loss_forward(Tensor pred, Tensor target, int[] patch_size, bool norm_pix, float eps) -> Tensor");

@@ -123,6 +123,30 @@ class SparseTensor:
         self._kernel_map = kernel_map
         return self
 
+    def coarsen(self, stride: int) -> tuple[SparseTensor, torch.Tensor]:
+        """The sites of a stride-``stride`` layer: (coarse, inverse).
+
+        ``coarse``: the sites ``coords // stride`` with at least one active child on the grid
+        ``spatial_shape // stride``, in ascending (batch, *spatial) order, features ``[N_out, 0]``, its
+        kernel map attached (built from the sorted unique sites: no validation, no host sync).
+        ``inverse``: int64 [N], the coarse row of each row of this tensor. ``stride`` must divide every
+        spatial size (callers check).
+        """
+        coarse_shape = tuple(s // stride for s in self.spatial_shape)
+        coords = self.coords.long()
+        key = coords[:, 0]
+        for axis, size in enumerate(coarse_shape):
+            key = key * size + coords[:, 1 + axis] // stride
+        sites, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        out_coords = torch.empty((sites.shape[0], 1 + self.ndim), dtype=torch.int32, device=coords.device)
+        rest = sites
+        for axis in reversed(range(self.ndim)):
+            out_coords[:, 1 + axis] = rest % coarse_shape[axis]
+            rest = rest // coarse_shape[axis]
+        out_coords[:, 0] = rest
+        coarse = SparseTensor(self.features.new_empty((sites.shape[0], 0)), out_coords, coarse_shape, self.batch_size)
+        return coarse.with_kernel_map(KernelMap.from_sites(sites, (self.batch_size, *coarse_shape))), inverse
+
     def kernel_map(self) -> KernelMap:
         """The :class:`KernelMap` of ``coords`` (built on the first call, then cached on this tensor)."""
         if self._kernel_map is None:

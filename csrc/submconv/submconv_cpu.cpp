@@ -259,15 +259,19 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
   const int64_t partial_floats = p.groups * row_floats * cout_g;
   const int64_t parts = std::clamp<int64_t>((int64_t{64} << 20) / 4 / std::max<int64_t>(partial_floats, 1), 1,
                                             std::min<int64_t>(chunks, 8));
-  at::Tensor partial = at::zeros({parts, p.groups, cout_g, row_floats}, x.options());
+  // Each partition's first chunk overwrites its slice (beta = 0), so no zero fill: at the deep stages of a 3-D
+  // encoder a partition is as large as the weight and the fill cost as much as the GEMM of the few rows.
+  at::Tensor partial = at::empty({parts, p.groups, cout_g, row_floats}, x.options());
   const int64_t chunks_per_part = (chunks + parts - 1) / parts;
   at::parallel_for(0, parts, 1, [&](int64_t plo, int64_t phi) {
     at::Tensor a = at::empty({chunk, row_floats}, x.options());
     for (int64_t part = plo; part < phi; ++part) {
       float* dw = partial[part].mutable_data_ptr<float>();
+      bool first = true;  // no chunk written to this partition yet
       for (int64_t ci = part * chunks_per_part; ci < std::min(chunks, (part + 1) * chunks_per_part); ++ci) {
         const int64_t r0 = ci * chunk, rows = std::min(chunk, n - r0);
         if (rows <= 0) break;
+        if (first && cin_g == 1) std::fill(dw, dw + partial_floats, 0.f);  // the depthwise loop accumulates
         if (cin_g == 1) {  // depthwise: dW[co, k] += G[r, co] * X[nb(r, k), co / cout_g]
           for (int64_t r = r0; r < r0 + rows; ++r) {
             const Site s = decode_site(p.geo, sites[r]);
@@ -280,19 +284,28 @@ at::Tensor weight_grad_rows(const Problem& p, const KernelMap& km, const at::Ten
               for (int64_t co = 0; co < cout; ++co) dw[co * taps + k] += gr[co] * xr[co / cout_g];
             }
           }
+          first = false;
           continue;
         }
         at::Tensor a_rows = a.narrow(0, 0, rows);
-        at::Tensor g_rows = g.narrow(0, r0, rows);
+        // detach: under create_graph grad_out requires grad, and at::mm_out refuses such inputs (this kernel
+        // runs below the op's autograd).
+        at::Tensor g_rows = g.detach().narrow(0, r0, rows);
         for (int64_t grp = 0; grp < p.groups; ++grp) {
           fill_im2col(p, grid, sites, offsets.data(), xp, r0, rows, grp, a.mutable_data_ptr<float>());
           at::Tensor dst = partial[part][grp];
-          dst.addmm_(g_rows.narrow(1, grp * cout_g, cout_g).t(), a_rows);
+          if (first) {
+            at::mm_out(dst, g_rows.narrow(1, grp * cout_g, cout_g).t(), a_rows);
+          } else {
+            dst.addmm_(g_rows.narrow(1, grp * cout_g, cout_g).t(), a_rows);
+          }
         }
+        first = false;
       }
+      if (first) std::fill(dw, dw + partial_floats, 0.f);  // a partition without rows (n == 0)
     }
   });
-  at::Tensor total = partial[0].clone();
+  at::Tensor total = partial[0];  // partials are added in order: deterministic on any thread count
   for (int64_t part = 1; part < parts; ++part) total.add_(partial[part]);
   return total;
 }

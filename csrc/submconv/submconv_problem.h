@@ -86,6 +86,8 @@ inline Problem make_compact_problem(const at::Tensor& features, const at::Tensor
 
 // Weight [Cout, Cin/g, *k] -> fp32 wt [groups, cout_g, K * cin_g] (im2col column order: tap-major). The GEMM
 // reads it transposed: moving Cout to the last dim instead would be a strided transpose costing ~10x more.
+// A weight already stored in this layout (tcm_kernels/ops/weight_layout.py hands the CPU engine such views)
+// passes through reshape / permute / contiguous without a copy.
 inline at::Tensor weight_to_gemm(const at::Tensor& weight, const Problem& p) {
   // detach: for 1x1 kernels the result can be a view of weight, and at::mm_out refuses outputs computed
   // from a tensor that still carries requires_grad (this kernel runs below autograd).

@@ -1,6 +1,7 @@
 """Base layer of tcm_kernels: what every kernel, op and module shares, and nothing that registers.
 
 * :mod:`.dtypes`: the accumulation-dtype rule;
+* :mod:`.moments`: Chan's merge of partial moments (the norm engine);
 * :mod:`.geometry`: kernel geometry (transposed kernel, halo, tap grids, blocked shapes, space-to-depth);
 * :mod:`.patch_tiles`: tiles of patch-aligned masks (the patch-block path's geometry);
 * :mod:`.sampling`: counting rules of ``sample_mask`` shared by its back ends;

@@ -22,7 +22,9 @@ def bias_grad(grad_out: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return (grad_out.float() * mask).sum([0, *range(2, grad_out.dim())]).to(grad_out.dtype)
 
 
-def submconv_autograd(forward: Callable, weight_grad: Callable, n_geometry: int) -> tuple[Callable, Callable]:
+def submconv_autograd(forward: Callable, weight_grad: Callable, n_geometry: int,
+                      transposed: Callable[[torch.Tensor, int], torch.Tensor] = transposed_kernel
+                      ) -> tuple[Callable, Callable]:
     """``(backward, setup_context)`` of a submanifold-conv op.
 
     The op's inputs are ``(x, *geometry, weight, bias, dilation, groups, extra)``: ``geometry`` is
@@ -31,8 +33,9 @@ def submconv_autograd(forward: Callable, weight_grad: Callable, n_geometry: int)
     passed through unchanged. ``forward`` is the op itself and ``weight_grad`` has the signature
     ``(grad_out, x, *geometry, weight, dilation, groups, extra)``.
 
-    Backward: grad_x is ``forward`` on grad_out with :func:`transposed_kernel` (the neighbour
-    relation is symmetric), grad_w is ``weight_grad`` and grad_bias is :func:`bias_grad`.
+    Backward: grad_x is ``forward`` on grad_out with the kernel ``transposed(weight, groups)``
+    (default :func:`transposed_kernel`; the neighbour relation is symmetric; the ops layer passes a
+    cached one), grad_w is ``weight_grad`` and grad_bias is :func:`bias_grad`.
     """
     def setup_context(ctx, inputs, output) -> None:
         x, *geometry = inputs[:1 + n_geometry]
@@ -48,7 +51,7 @@ def submconv_autograd(forward: Callable, weight_grad: Callable, n_geometry: int)
         w_index = 1 + n_geometry
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = forward(grad_out, *geometry, transposed_kernel(weight, groups), None, dilation, groups, extra)
+            grad_x = forward(grad_out, *geometry, transposed(weight, groups), None, dilation, groups, extra)
         if ctx.needs_input_grad[w_index]:
             grad_w = weight_grad(grad_out, x, *geometry, weight, dilation, groups, extra)
         if ctx.has_bias and ctx.needs_input_grad[w_index + 1]:

@@ -90,3 +90,28 @@ def masked_grad_moments(dy, x, mask, center):
 def masked_norm_backward(dy, x, mask, dy_scale, x_scale, center, shift):
     """dx shaped like x, contiguous."""
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---- the same primitives over rows (x [N, C], segment [N] or None, tables [S, C]) --------------------------
+
+def segment_moments(x, segment, num_segments):
+    """(count [S], mean [S, C], M2 [S, C]) in the accumulation dtype of x."""
+    acc = accumulation_dtype(x.dtype)
+    c = x.shape[1]
+    return (x.new_empty((num_segments,), dtype=acc), x.new_empty((num_segments, c), dtype=acc),
+            x.new_empty((num_segments, c), dtype=acc))
+
+
+def segment_scale_shift(x, segment, center, scale, shift):
+    """y shaped like x, contiguous."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def segment_grad_moments(dy, x, segment, center):
+    """(sum dy [S, C], sum dy * (x - center) [S, C]) shaped like center."""
+    return torch.empty_like(center), torch.empty_like(center)
+
+
+def segment_norm_backward(dy, x, segment, dy_scale, x_scale, center, shift):
+    """dx shaped like x, contiguous."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -4,9 +4,9 @@
 normalized x, exactly 0 at inactive sites. ``module(st)``: a compact
 :class:`tcm_kernels.SparseTensor` -> a SparseTensor with the same coords, row order
 and batch size (``st.replace_features``). Both give the same numbers at the active
-sites, the same gradients and the same running-stat updates (tested); the compact
-path runs plain reductions over the rows (:mod:`tcm_kernels.ops.sparse_norm_compact`)
-and ignores ``backend``, which picks the masked-dense kernels.
+sites, the same gradients and the same running-stat updates (tested): both layouts are
+adapters of one norm-statistics engine (:mod:`tcm_kernels.ops.sparse_norm_engine`), and
+``backend`` picks its back end on either.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class _SparseBatchNorm(nn.modules.batchnorm._NormBase):
         if compact:
             return x.replace_features(FC.compact_batch_norm(
                 x.features, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps,
-                sync=self.sync, process_group=self.process_group))
+                sync=self.sync, process_group=self.process_group, backend=self.backend))
         return F.sparse_batch_norm(x, mask, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                                    momentum, self.eps, sync=self.sync, process_group=self.process_group,
                                    backend=self.backend)
@@ -142,7 +142,7 @@ class _SparseInstanceNorm(nn.Module):
         """(x [B, C, *S], mask bool [B, 1, *S]) -> [B, C, *S]; or SparseTensor -> SparseTensor."""
         if _compact_input(self, x, mask, self.num_features, (self._spatial_dims,)):
             return x.replace_features(FC.compact_instance_norm(x.features, x.coords[:, 0], x.batch_size, self.weight,
-                                                               self.bias, self.eps))
+                                                               self.bias, self.eps, backend=self.backend))
         if x.dim() != self._spatial_dims + 2:
             raise ValueError(f"{type(self).__name__}: x must be {self._spatial_dims + 2}-D [B, C, *S], "
                              f"got shape {tuple(x.shape)}")
@@ -188,7 +188,7 @@ class SparseGroupNorm(nn.Module):
         """(x [B, C, *S], mask bool [B, 1, *S]) -> [B, C, *S]; or SparseTensor -> SparseTensor."""
         if _compact_input(self, x, mask, self.num_channels, (2, 3)):
             return x.replace_features(FC.compact_group_norm(x.features, x.coords[:, 0], x.batch_size, self.num_groups,
-                                                            self.weight, self.bias, self.eps))
+                                                            self.weight, self.bias, self.eps, backend=self.backend))
         return F.sparse_group_norm(x, mask, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:

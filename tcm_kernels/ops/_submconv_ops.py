@@ -22,6 +22,7 @@ import torch
 from .._core import shapes
 from .._core.autograd import submconv_autograd
 from ._library import register
+from .weight_layout import transposed_kernel
 
 
 @torch.library.custom_op("tcm::submconv_forward_triton", mutates_args=())
@@ -67,11 +68,13 @@ for _suffix in ("", "_triton"):
     _ops = torch.ops.tcm
     register(f"submconv_forward{_suffix}", shapes.conv_dense,
              submconv_autograd(getattr(_ops, f"submconv_forward{_suffix}"),
-                               getattr(_ops, f"submconv_weight_grad{_suffix}"), n_geometry=1))
+                               getattr(_ops, f"submconv_weight_grad{_suffix}"), n_geometry=1,
+                               transposed=transposed_kernel))
     register(f"submconv_weight_grad{_suffix}", shapes.conv_dense_weight_grad)
     register(f"submconv_compact_forward{_suffix}", shapes.conv_compact,
              submconv_autograd(getattr(_ops, f"submconv_compact_forward{_suffix}"),
-                               getattr(_ops, f"submconv_compact_weight_grad{_suffix}"), n_geometry=2))
+                               getattr(_ops, f"submconv_compact_weight_grad{_suffix}"), n_geometry=2,
+                               transposed=transposed_kernel))
     register(f"submconv_compact_weight_grad{_suffix}", shapes.conv_compact_weight_grad)
 
 

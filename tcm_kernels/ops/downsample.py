@@ -13,8 +13,9 @@ from .._autocast import autocast_rule
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .._core.geometry import space_to_depth
 from ..reference import submconv as _ref
-from ..sparse_tensor import KernelMap, SparseTensor
+from ..sparse_tensor import SparseTensor
 from . import _conv_checks as checks
+from .weight_layout import cached_weight
 from .submconv import submanifold_conv
 
 _OP = "sparse_downsample"
@@ -63,26 +64,14 @@ def sparse_downsample_compact(x: SparseTensor, weight: torch.Tensor, bias: torch
     check_same_device(_OP, features=features, weight=weight, **({} if bias is None else {"bias": bias}))
     cin, cout = features.shape[1], weight.shape[0]
     checks.check_stride(_OP, stride, weight, x.spatial_shape, nd)
-    coarse_shape = tuple(s // stride for s in x.spatial_shape)
-    coords = x.coords.long()
+    coarse, inverse = x.coarsen(stride)
     window = stride**nd
-    out_key = coords[:, 0]
-    child = torch.zeros_like(out_key)
+    child = torch.zeros_like(inverse)
     for axis in range(nd):
-        out_key = out_key * coarse_shape[axis] + coords[:, 1 + axis] // stride
-        child = child * stride + coords[:, 1 + axis] % stride
-    out_sites, inverse = torch.unique(out_key, sorted=True, return_inverse=True)
-    n_out = out_sites.shape[0]
+        child = child * stride + x.coords[:, 1 + axis].long() % stride
+    n_out = coarse.features.shape[0]
     cols = features.new_zeros((n_out * window, cin)).index_copy(0, inverse * window + child, features)
-    w = weight.movedim(1, -1).reshape(cout, window * cin)  # columns in (child, cin) order, as cols
+    # columns in (child, cin) order, as cols; a view of the cached GEMM layout on the CPU (no copy per call)
+    w = cached_weight(weight, 1).movedim(1, -1).reshape(cout, window * cin)
     cols = cols.reshape(n_out, window * cin)
-    y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
-    out_coords = torch.empty((n_out, 1 + nd), dtype=torch.int32, device=features.device)
-    rest = out_sites
-    for axis in reversed(range(nd)):
-        out_coords[:, 1 + axis] = rest % coarse_shape[axis]
-        rest = rest // coarse_shape[axis]
-    out_coords[:, 0] = rest
-    # torch.unique's sites are unique and in range by construction: no validation (and no host sync) needed.
-    kernel_map = KernelMap.from_sites(out_sites, (x.batch_size, *coarse_shape))
-    return SparseTensor(y, out_coords, coarse_shape, x.batch_size).with_kernel_map(kernel_map)
+    return coarse.replace_features(cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t()))

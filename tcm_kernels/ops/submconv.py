@@ -35,6 +35,7 @@ from ..reference import submconv as _ref
 from . import _conv_checks as checks
 from . import submconv_compact, submconv_patch
 from ._submconv_ops import conv_op
+from .weight_layout import cached_weight
 
 _OP = "submanifold_conv"
 PATHS = ("auto", "generic", "patch")
@@ -89,6 +90,8 @@ def submanifold_conv(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, 
     if path == "patch":
         op = torch.ops.tcm.submconv_patch_triton if chosen == "triton" else torch.ops.tcm.submconv_patch
         return op(x, mask, weight, bias, dil, groups, patch_size)
+    if chosen == "cpu":
+        weight = cached_weight(weight, groups)
     return conv_op("dense", chosen)(x, mask, weight, bias, dil, groups, chunk_rows)
 
 

@@ -14,6 +14,7 @@ from ..reference import submconv as _ref
 from ..sparse_tensor import KernelMap
 from . import _conv_checks as checks
 from ._submconv_ops import conv_op
+from .weight_layout import cached_weight
 
 _OP = "submanifold_conv_compact"
 
@@ -45,4 +46,6 @@ def submanifold_conv_compact(features: torch.Tensor, kernel_map: KernelMap, weig
     chosen = checks.choose_backend(_OP, features, backend, "submconv_compact_forward")
     if chosen == "reference":
         return _ref.submanifold_conv_compact(features, grid, sites, weight, bias, tuple(dil), groups)
+    if chosen == "cpu":
+        weight = cached_weight(weight, groups)
     return conv_op("compact", chosen)(features, grid, sites, weight, bias, dil, groups, chunk_rows)

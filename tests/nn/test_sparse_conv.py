@@ -136,3 +136,41 @@ def test_spconv_numerics_on_gpu():
     out = conv(st.to_spconv()).dense()
     expected = ref.submanifold_conv(x.cuda(), mask.cuda(), weight_from_spconv(conv.weight.detach()))
     assert_close_verbose(out, expected, atol=1e-4, rtol=1e-4, name="spconv gpu")
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_coarsen_gives_the_coarse_mask_sites_and_their_map(nd):
+    x, mask = case(nd)
+    st = tcm_kernels.SparseTensor.from_dense(x, mask)
+    coarse, inverse = st.coarsen(2)
+    pool = torch.nn.functional.max_pool2d if nd == 2 else torch.nn.functional.max_pool3d
+    expected = pool(mask.float(), 2) > 0
+    assert torch.equal(coarse.coords, expected[:, 0].nonzero().int())  # sorted (batch, *spatial)
+    assert coarse.features.shape == (coarse.coords.shape[0], 0) and coarse.spatial_shape == expected.shape[2:]
+    assert torch.equal(coarse.coords[inverse, 1:], st.coords[:, 1:] // 2)  # each row's parent
+    assert torch.equal(coarse.coords[inverse, 0], st.coords[:, 0])
+    attached = coarse.kernel_map()
+    rebuilt = tcm_kernels.KernelMap.from_coords(coarse.coords, coarse.spatial_shape, coarse.batch_size)
+    assert torch.equal(attached.grid, rebuilt.grid) and torch.equal(attached.sites, rebuilt.sites)
+
+
+def test_3d_encoder_builds_one_kernel_map_per_stage(monkeypatch):
+    """Every conv of a stage reuses the stage's map: one map from the stem's rows, one per downsample."""
+    from tcm_mim.models import build_encoder
+
+    built = []
+    for name in ("from_coords", "from_sites"):
+        original = getattr(tcm_kernels.KernelMap, name).__func__
+        monkeypatch.setattr(tcm_kernels.KernelMap, name,
+                            classmethod(lambda cls, *a, _f=original, _n=name, **k: built.append(_n) or _f(cls, *a, **k)))
+    enc = build_encoder("resnet3d_tiny", dim=3, in_channels=1)
+    patch = enc.downsample_ratio
+    mask = tcm_kernels.upsample_mask(torch.rand(1, 1, 2, 2, 2) < 0.6, patch)
+    mask[0, 0, 0, 0, 0] = True
+    assert enc.runs_compact()
+    feats = enc(torch.randn(1, 1, *mask.shape[2:]) * mask, mask)
+    n_stages = len(feats)
+    # from_coords validates (a host sync) and runs once, for the stem's rows; each later stage's map comes
+    # from its downsample's unique sites (from_sites, no validation).
+    assert built.count("from_coords") == 1, built
+    assert built.count("from_sites") == n_stages - 1 + 1, built  # + the one inside from_coords

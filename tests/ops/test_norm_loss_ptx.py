@@ -9,6 +9,9 @@ from tests.triton_compile import SHARED_LIMIT, arch, compile_kernels
 KERNELS = [("sparse_norm", "_moments_kernel", {"BLOCK": 1024}), ("sparse_norm", "_scale_shift_kernel", {"BLOCK": 1024}),
            ("sparse_norm", "_grad_moments_kernel", {"BLOCK": 1024}),
            ("sparse_norm", "_norm_backward_kernel", {"BLOCK": 1024}),
+           *[("sparse_norm", f"_segment_{name}_kernel", {flag: True, "BLOCK_R": 32, "BLOCK_C": 32})
+             for name, flag in (("moments", "HAS_ORDER"), ("grad_moments", "HAS_ORDER"), ("scale_shift", "HAS_SEG"),
+                                ("norm_backward", "HAS_SEG"))],
            ("recon_loss", "_forward_kernel", {"NORM_PIX": True, "BLOCK": 512}),
            ("recon_loss", "_backward_kernel", {"NORM_PIX": True, "BLOCK": 512})]
 
@@ -18,13 +21,15 @@ def _signature(fn, dt: str) -> dict[str, str]:
     for name in fn.arg_names:
         if name == "MASK":
             sig[name] = "*i1"
+        elif name in ("ORDER", "OFFSETS", "SEG"):
+            sig[name] = "*i64"
         elif name in ("X", "Y", "DY", "DX", "P", "T", "GRAD"):
             sig[name] = f"*{dt}"
-        elif name.isupper() and name not in ("C", "L", "D", "H", "W", "BLOCK", "NORM_PIX"):
+        elif name.isupper() and name not in ("C", "L", "N", "D", "H", "W", "SPLITS", "BLOCK", "NORM_PIX"):
             sig[name] = "*fp32"
         elif name == "eps":
             sig[name] = "fp32"
-        elif name not in ("BLOCK", "NORM_PIX"):
+        elif name not in ("BLOCK", "NORM_PIX", "BLOCK_R", "BLOCK_C", "HAS_ORDER", "HAS_SEG"):
             sig[name] = "i32"
     return sig
 

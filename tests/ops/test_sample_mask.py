@@ -79,6 +79,29 @@ def test_cpu_bit_identical_to_reference(strategy, dtype, b, n, temperature):
         assert torch.equal(r, c), f"{name} differs for {strategy}, {dtype}, {(b, n)}"
 
 
+def _structured_scores(kind: str, b: int, n: int) -> torch.Tensor:
+    """Score rows that give the CPU selection sorted, reversed or heavily tied keys."""
+    ramp = torch.arange(n, dtype=torch.float32) / n
+    rows = {"constant": torch.full((n,), 0.5), "zeros": torch.zeros(n), "ascending": ramp, "descending": ramp.flip(0),
+            "two_values": (torch.arange(n) % 2).float() * 0.7 + 0.1}[kind]
+    return rows.expand(b, n).contiguous()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", ["constant", "zeros", "ascending", "descending", "two_values"])
+@pytest.mark.parametrize("n,ratio", [(1031, 0.6), (4096, 0.25)])
+def test_cpu_bit_identical_to_reference_on_structured_scores(strategy, kind, n, ratio):
+    """Sorted, reversed and tied keys (hardest's score keys, zero-score weighted keys) select as the reference."""
+    if "cpu" not in [p.values[0] for p in BACKENDS if not p.marks]:
+        pytest.skip("compiled kernels not built (tcm_kernels._C missing sample_mask)")
+    s = _structured_scores(kind, 2, n)
+    kw = dict(strategy=strategy, seed=31, offset=7, **KW)
+    ref = tcm_kernels.sample_mask(s, ratio, backend="reference", **kw)
+    cpu = tcm_kernels.sample_mask(s, ratio, backend="cpu", **kw)
+    for name, r, c in zip(ref._fields, ref, cpu):
+        assert torch.equal(r, c), f"{name} differs for {strategy}, {kind}, n={n}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_seed_same_mask_other_offset_other_mask(backend):
     s = _scores(8, 196)
@@ -321,6 +344,33 @@ def test_errors(call, exc, match):
         call(torch.rand(4, 10))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("strategy", ["weighted", "stratified", "hardest"])
+@pytest.mark.parametrize("bad,match", [(-0.25, r"scores must be >= 0, got min -0.25"), (float("nan"), "finite"),
+                                       (float("inf"), "finite"), (float("-inf"), "finite")])
+def test_invalid_scores_raise_on_every_backend(backend, dtype, strategy, bad, match):
+    """The CPU kernel checks float32 scores itself (the wrapper skips its passes there): same errors as elsewhere."""
+    s = torch.rand(1000, 40).to(dtype)  # 3 CPU tasks of 409 rows (grain ~16k patches): the bad row in the last
+    s[-1, 17] = bad
+    with pytest.raises(ValueError, match=match):
+        tcm_kernels.sample_mask(s, 0.5, strategy=strategy, seed=1, backend=backend, **KW)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_scores_checked_as_float32(backend):
+    """Scores are checked in float32, the precision every back end computes in."""
+    s = torch.rand(2, 10, dtype=torch.float64)
+    s[0, 3] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match="finite in float32"):
+        tcm_kernels.sample_mask(s, 0.5, strategy="weighted", seed=1, backend=backend)
+    s[0, 3] = -1e-60  # -0.0 in float32: a zero score
+    got = tcm_kernels.sample_mask(s, 0.5, strategy="weighted", seed=1, backend=backend)
+    s[0, 3] = 0.0
+    assert torch.equal(got.visible, tcm_kernels.sample_mask(s, 0.5, strategy="weighted", seed=1,
+                                                            backend=backend).visible)
+
+
 def test_compiled_op_rejects_bad_direct_calls():
     if not tcm_kernels._backend.compiled_available("sample_mask"):
         pytest.skip("compiled kernels not built (tcm_kernels._C missing sample_mask)")
@@ -330,6 +380,14 @@ def test_compiled_op_rejects_bad_direct_calls():
         torch.ops.tcm.sample_mask(torch.rand(2, 5), 2, "nope", 0, 0, 1.0, 0.5, 0.5, 0.0)
     with pytest.raises(TypeError, match="float32"):
         torch.ops.tcm.sample_mask(torch.rand(2, 5).double(), 2, "uniform", 0, 0, 1.0, 0.5, 0.5, 0.0)
+    bad = torch.rand(2, 5)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        torch.ops.tcm.sample_mask(bad, 2, "weighted", 0, 0, 1.0, 0.5, 0.5, 0.0)
+    bad[1, 2] = -1.0
+    with pytest.raises(ValueError, match="scores must be >= 0"):
+        torch.ops.tcm.sample_mask(bad, 2, "hardest", 0, 0, 1.0, 0.5, 0.5, 0.5)
+    torch.ops.tcm.sample_mask(bad, 2, "uniform", 0, 0, 1.0, 0.5, 0.5, 0.0)  # uniform ignores the scores
 
 
 # ---------------------------------------------------------------- registration

@@ -14,6 +14,7 @@ import torch
 
 import tcm_kernels
 from tcm_kernels.reference import philox as ref_philox
+from tests.ops.test_sample_mask import KAT  # Random123 known-answer vectors of Philox-4x32-10
 from tests.utils import backend_param
 
 triton = pytest.importorskip("triton", reason="triton not installed")
@@ -135,16 +136,7 @@ def test_default_backend_sends_long_cuda_rows_to_the_cuda_kernel(monkeypatch):
 
 # ---- the RNG pieces, bit for bit --------------------------------------------------------------
 
-# Random123 known-answer vectors of Philox-4x32-10: counter, key (k0, k1), output words.
-PHILOX_KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
-
-
-@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT, ids=["zeros", "ones", "pi"])
+@pytest.mark.parametrize("counter,key,expected", KAT, ids=["zeros", "ones", "pi"])
 def test_triton_philox_known_answers(counter, key, expected, device):
     words = philox4x32_10_triton(torch.tensor([counter], device=device), key[0] | key[1] << 32)
     assert [hex(w) for w in words[0].tolist()] == [hex(w) for w in expected]
@@ -287,7 +279,7 @@ def test_gpu_cuda_kernel_handles_rows_beyond_the_triton_tile(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT, ids=["zeros", "ones", "pi"])
+@pytest.mark.parametrize("counter,key,expected", KAT, ids=["zeros", "ones", "pi"])
 def test_gpu_cuda_philox_known_answers(counter, key, expected):
     if not tcm_kernels._backend.compiled_available("philox4x32_10", "cuda"):
         pytest.skip("extension built without CUDA")

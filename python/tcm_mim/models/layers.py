@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tcm_kernels.nn as tnn
-from tcm_kernels import KernelMap, SparseTensor
+from tcm_kernels import SparseTensor
+from tcm_kernels.ops.weight_layout import cached_weight
 
 Features = torch.Tensor | SparseTensor
 
@@ -50,27 +51,6 @@ def coarse_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
     return pool(mask.to(torch.float32), stride) > 0  # float: CUDA's max-pool has no integer kernels
 
 
-def _strided_sites(x: SparseTensor, stride: int) -> SparseTensor:
-    """The coarse sites of ``x`` (coords // stride with an active child), sorted, features empty [N_out, 0]."""
-    coarse_shape = tuple(s // stride for s in x.spatial_shape)
-    coords = x.coords.long()
-    key = coords[:, 0]
-    for axis, size in enumerate(coarse_shape):
-        key = key * size + coords[:, 1 + axis] // stride
-    sites = torch.unique(key, sorted=True)
-    out_coords = torch.empty((sites.shape[0], 1 + x.ndim), dtype=torch.int32, device=coords.device)
-    rest = sites
-    for axis in reversed(range(x.ndim)):
-        out_coords[:, 1 + axis] = rest % coarse_shape[axis]
-        rest = rest // coarse_shape[axis]
-    out_coords[:, 0] = rest
-    out = SparseTensor(x.features.new_empty((sites.shape[0], 0)), out_coords, coarse_shape, x.batch_size)
-    grid = torch.full((x.batch_size, *coarse_shape), -1, dtype=torch.int32, device=coords.device)
-    grid.view(-1)[sites] = torch.arange(sites.shape[0], dtype=torch.int32, device=coords.device)
-    out._kernel_map = KernelMap(grid, sites)  # unique and in range by construction
-    return out
-
-
 def _window_rows(x: SparseTensor, out: SparseTensor, kernel: int, stride: int) -> torch.Tensor:
     """[N_out, K] rows of ``x`` under each output site's kernel window (K = kernel^d, offsets in row-major
     order, padding kernel // 2); ``x.features.shape[0]`` where the window holds no active site (a zero row)."""
@@ -90,7 +70,7 @@ def _window_rows(x: SparseTensor, out: SparseTensor, kernel: int, stride: int) -
 
 def _windows(x: SparseTensor, kernel: int, stride: int) -> tuple[torch.Tensor, SparseTensor]:
     """(features under each coarse site's window [N_out, K, C], zero where inactive; the coarse sites)."""
-    out = _strided_sites(x, stride)
+    out, _ = x.coarsen(stride)
     rows = _window_rows(x, out, kernel, stride)
     padded = torch.cat([x.features, x.features.new_zeros((1, x.features.shape[1]))])
     return padded[rows], out
@@ -116,7 +96,8 @@ class SparseStridedConv(nn.Module):
         """(x, mask) -> (y, coarse mask) masked-dense; or SparseTensor -> SparseTensor."""
         if isinstance(x, SparseTensor):
             cols, out = _windows(x, self.kernel, self.stride)
-            w = self.weight.movedim(1, -1).reshape(self.weight.shape[0], -1)  # columns in (offset, cin) order
+            # columns in (offset, cin) order: on the CPU a view of the cached GEMM layout, no copy per call
+            w = cached_weight(self.weight, 1).movedim(1, -1).reshape(self.weight.shape[0], -1)
             return out.replace_features(cols.reshape(cols.shape[0], -1) @ w.t())
         conv = F.conv2d if self.dim == 2 else F.conv3d
         out_mask = coarse_mask(mask, self.stride)
