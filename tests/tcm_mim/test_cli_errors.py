@@ -42,7 +42,7 @@ def test_pretrain_refuses_a_locked_out_dir(tmp_path, capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--checkpoint", "/nonexistent/checkpoint.pt"], "checkpoint /nonexistent/checkpoint.pt does not exist"),
-    (["--methods", "mae"], "argument --methods: invalid choice: 'mae'"),
+    (["--methods", "mae"], "--methods takes one of ('random', 'spark', 'tcm', 'anatomask', 'amlp') or NAME=CONFIG.yaml, got 'mae'"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--methods", "spark", "--no-progress", "steps=0"], "config: steps must be >= 1, got 0"),
     (["--methods", "spark", "--no-progress", "bogus=1"], "config: unknown key 'bogus'"),

@@ -11,7 +11,8 @@ import torch
 from tcm_mim.eval import brain_lobe_task, chest_organ_task, evaluate_encoder
 from tcm_mim.eval.report import main as eval_main
 from tcm_mim.data.split import GUARD, block_slices
-from tcm_mim.eval.tasks import _split
+from tcm_mim.eval.probe import learning_curve
+from tcm_mim.eval.tasks import _split, validation_blocks, with_label_fraction
 from tcm_mim.models import build_encoder
 
 
@@ -61,8 +62,83 @@ def test_report_cli_tiny(tmp_path):
     curves = json.loads((tmp_path / "curves.json").read_text())
     results = json.loads((tmp_path / "results.json").read_text())
     probe = curves["spark"][1]["chest organs, probe (Dice)"]
-    assert [step for step, _ in probe] == [1, 2] and (tmp_path / "curves.png").exists()
-    assert probe[-1][1] == results["spark"][1]["chest organs, probe (Dice)"]  # the curve ends at the score
+    assert [p["step"] for p in probe] == [1, 2] and (tmp_path / "curves.png").exists()
+    assert probe[-1]["validation"] is None  # no --select-steps: no validation split carved
+    assert probe[-1]["test"] == results["spark"][1]["chest organs, probe (Dice)"]  # the curve ends at the score
+
+
+def test_comparison_chooses_steps_on_validation_at_each_label_fraction_with_paper_configs(tmp_path):
+    from tcm_mim.eval.report import choose_steps
+
+    assert eval_main(["--methods", "random", "spark_paper=configs/spark_paper.yaml", "--seeds", "0", "1",
+                      "--steps", "1", "--probe-steps", "2", "--finetune-steps", "4", "--curve-every", "2",
+                      "--select-steps", "--label-fraction", "1.0", "0.1", "--out", str(tmp_path), "--no-progress",
+                      "encoder=resnet_tiny", "image_size=64", "batch_size=2", "decoder_width=32",
+                      "warmup_steps=1"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| spark_paper |" in report and "Step counts chosen from the validation curves" in report
+    assert "Paired differences to `random`" in report and "Smallest difference resolved" in report
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
+    label = "chest organs, fine-tune, 10% labels (Dice)"
+    assert set(steps) == set(curves["random"][0]) and label in steps
+    assert "brain lobes, probe, 10% labels (acc.)" not in steps  # the brain probe is scored at 1.0 only
+    for method, runs in curves.items():
+        for run, scores in zip(runs, results[method]):
+            for name, curve in run.items():
+                assert all(p["validation"] is not None for p in curve)
+                assert scores[name] == next(p["test"] for p in curve if p["step"] == steps[name]["steps"])
+    # the choice reads the validation curves only: other test values change no step count
+    scrambled = {m: [{k: [{**p, "test": 1.0 - p["test"]} for p in c] for k, c in run.items()} for run in runs]
+                 for m, runs in curves.items()}
+    assert choose_steps(scrambled) == steps
+    assert "chest organs, fine-tune (Dice)" in (tmp_path / "curves.csv").read_text()
+    run = json.loads((tmp_path / "spark_paper_seed0" / "eval.json").read_text())
+    assert run["key"]["config"]["decoder"] == "spark" and run["key"]["config"]["mask_ratio"] == 0.6
+
+
+def test_step_rule_first_step_within_one_percent_of_the_smoothed_maximum():
+    from tcm_mim.eval.report import choose_steps, converged_step
+
+    rising = [(50, 0.1), (100, 0.5), (150, 0.7), (200, 0.8), (250, 0.8), (300, 0.8), (350, 0.8)]
+    assert converged_step(rising) == 300  # smoothed over 3 points: 0.8 first reached at 300
+    assert converged_step([(50, 0.0), (100, 0.0)]) == 50  # a flat curve: its first step
+    noisy = [(50 * (i + 1), v) for i, v in enumerate([0.5, 0.5, 0.9, 0.5, 0.5, 0.8, 0.8, 0.8])]
+    assert converged_step(noisy) == 400  # the sustained level decides, not the one high point at 150
+    curve = lambda values: [{"step": 50 * (i + 1), "validation": v, "test": 0.0} for i, v in enumerate(values)]
+    chosen = choose_steps({"a": [{"x": curve([0.9] * 5)}] * 2,  # mean over seeds, then the rule, then the max
+                           "b": [{"x": curve([0.1, 0.2, 0.3, 0.9, 0.9])}, {"x": curve([0.1, 0.2, 0.3, 0.7, 0.7])}]})
+    assert chosen["x"]["per_method"] == {"a": 50, "b": 250} and chosen["x"]["steps"] == 250
+    assert chosen["x"]["budget"] == 250
+    with pytest.raises(ValueError, match="no validation curve"):
+        choose_steps({"a": [{"x": [{"step": 1, "validation": None, "test": 0.0}]}]})
+
+
+@pytest.mark.parametrize("mode", ["probe", "finetune"])
+def test_a_curve_point_is_the_score_of_a_run_that_long(tasks, mode):
+    torch.manual_seed(0)
+    enc = build_encoder("resnet_tiny", in_channels=1)
+    chest = dataclasses.replace(tasks["chest"], train_images=tasks["chest"].train_images[:6],
+                                train_targets=tasks["chest"].train_targets[:6])
+    curve = learning_curve(enc, chest, mode=mode, steps=4, every=2, seed=1)
+    assert [p["step"] for p in curve] == [2, 4]
+    assert curve[0]["test"] == evaluate_encoder(enc, chest, mode=mode, steps=2, seed=1)
+
+
+def test_validation_split_is_carved_from_the_training_side():
+    train, test = list(range(0, 40)) + list(range(60, 100)), list(range(43, 57))
+    rest, val = validation_blocks(train, test, fraction=0.2)
+    assert val == list(range(32, 40)) + list(range(60, 68))  # nearest the test block, half on each side
+    assert not set(val) & set(test) and not set(rest) & set(val) and set(rest) < set(train)
+    assert not set(rest) & set(range(32 - GUARD, 68 + GUARD))  # a guard band between validation and training
+    chest = chest_organ_task(size=64, validation=True)
+    assert len(chest.val_images) == round(0.2 * (len(chest.train_images) + len(chest.val_images) + 2 * GUARD))
+    brain = brain_lobe_task(per_class=8, validation=True)
+    assert torch.bincount(brain.val_targets).tolist() == torch.bincount(brain.test_targets).tolist() == [8] * 5
+    few = with_label_fraction(chest, 0.1, seed=0)
+    assert len(few.train_images) == round(0.1 * len(chest.train_images))
+    assert few.val_images is chest.val_images and few.test_images is chest.test_images
 
 
 def test_report_reuses_finished_runs_only_for_the_same_config(tmp_path, capsys):

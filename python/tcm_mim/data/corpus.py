@@ -137,11 +137,14 @@ def embedded_corpus(name: str, *, fallback: str | os.PathLike | None = None) -> 
     Lives in ``cache_dir()/corpora/<name>_<cache version>``; a scan whose files are missing,
     truncated or from other content is prepared again (so is a corrupt ``.npz`` it is built from).
     If the cache cannot be written (a read-only home), it is prepared into ``fallback`` instead.
+    ``chest_xray`` holds the DRRs that project only the chest-CT slices pretraining may read
+    (:func:`~tcm_mim.data.embedded.chest_xray_pretraining`), in ``corpora/chest_xray_pretrain_<version>``.
     """
-    from .embedded import _CACHE_VERSION, cache_dir, load_embedded
+    from .embedded import _CACHE_VERSION, cache_dir, chest_xray_pretraining, load_embedded
 
-    scans = load_embedded(name)
-    out = cache_dir() / "corpora" / f"{name}_{_CACHE_VERSION}"
+    scans = chest_xray_pretraining() if name == "chest_xray" else load_embedded(name)
+    folder = "chest_xray_pretrain" if name == "chest_xray" else name
+    out = cache_dir() / "corpora" / f"{folder}_{_CACHE_VERSION}"
     try:
         # prepare_scans keeps every complete scan of the same content and prepares the others again.
         prepare_scans(scans, out, source=f"embedded:{name}")

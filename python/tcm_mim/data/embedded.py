@@ -255,9 +255,10 @@ def ray_sum_drr(ct_hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...
     return image.astype(np.float32), projected.astype(np.int16)
 
 
-@_disk_cached("chest_xray")
-def _chest_xray() -> list[Scan]:
-    ct, labels, spacing, names = _ct_full_resolution()
+def _drr_scans(ct: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], names: dict[int, str],
+               suffix: str = "") -> list[Scan]:
+    """PA and lateral DRRs (with projected labels) of a CT [S, P, L] at native spacing, named
+    ``chest_xray/drr_<view><suffix>``."""
     scans = []
     # [S, P, L]: PA rays run along P (axis 1), lateral rays along L (axis 2). Rows are flipped
     # so the head is at the top: the 2-D images are (I, L) for PA and (I, P) for lateral.
@@ -267,10 +268,55 @@ def _chest_xray() -> list[Scan]:
         in_plane = (spacing[0], spacing[2] if axis == 1 else spacing[1])
         image, out_spacing = resample_spacing(np.ascontiguousarray(image), in_plane, DRR_SPACING_MM, order=1)
         projected, _ = resample_spacing(np.ascontiguousarray(projected), in_plane, DRR_SPACING_MM, order=0)
-        scans.append(Scan(f"chest_xray/drr_{view}", "DX", image.astype(np.float32), out_spacing, ("I", columns),
-                          projected.astype(np.int16), _present_names(projected, names)))
-    scans.append(_real_radiograph())
+        scans.append(Scan(f"chest_xray/drr_{view}{suffix}", "DX", image.astype(np.float32), out_spacing,
+                          ("I", columns), projected.astype(np.int16), _present_names(projected, names)))
     return scans
+
+
+@_disk_cached("chest_xray")
+def _chest_xray() -> list[Scan]:
+    ct, labels, spacing, names = _ct_full_resolution()
+    return [*_drr_scans(ct, labels, spacing, names), _real_radiograph()]
+
+
+def drr_slabs(ct: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], names: dict[int, str],
+              allowed_mm: list[tuple[float, float]]) -> list[Scan]:
+    """DRRs of only the axial slabs ``allowed_mm`` ([lo, hi) in mm along the first axis) of a CT [S, P, L]:
+    for each slab, a PA and a lateral DRR (``chest_xray/drr_<view>_slab<i>``) from the native slices lying
+    wholly inside it, so no ray sums a voxel outside the slabs."""
+    scans = []
+    step = spacing[0]
+    for i, (lo, hi) in enumerate(allowed_mm):
+        r0, r1 = int(np.ceil(lo / step - 1e-9)), int(np.floor(hi / step + 1e-9))
+        if r1 - r0 >= 2:
+            scans += _drr_scans(ct[r0:r1], labels[r0:r1], spacing, names, suffix=f"_slab{i}")
+    return scans
+
+
+def chest_xray_pretraining() -> list[Scan]:
+    """What pretraining on ``chest_xray`` reads: :func:`pretraining_drrs` of the chest CT and the real
+    radiograph. The full DRRs of :func:`load_embedded` project the chest task's test block; the chest_xray
+    split manifest holds them out (:func:`tcm_mim.data.split.embedded_split`)."""
+    return list(_chest_xray_pretraining())
+
+
+@_disk_cached("chest_xray_pretrain")
+def _chest_xray_pretraining() -> list[Scan]:
+    return [*pretraining_drrs(*_ct_full_resolution()), _real_radiograph()]
+
+
+def pretraining_drrs(ct: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], names: dict[int, str]
+                     ) -> list[Scan]:
+    """DRRs (:func:`drr_slabs`) of the native chest CT [S, P, L] that project only the slices the chest CT's
+    split manifest lets pretraining read: the slabs outside the held-out block and its guard band, in mm of
+    the 2.5 mm volume the chest task tests on (both grids start at the volume's edge)."""
+    from .split import embedded_split
+
+    scan = load_embedded("chest_ct")[0]
+    manifest = embedded_split("chest_ct", scan.name, scan.label_map, scan.label_names)
+    step = scan.spacing[0]
+    allowed = [(lo * step, hi * step) for lo, hi in manifest.pretrain_ranges(scan.name, scan.image.shape[0])]
+    return drr_slabs(ct, labels, spacing, names, allowed)
 
 
 def _real_radiograph() -> Scan:

@@ -39,6 +39,8 @@ LOBES = {
 }
 # What the embedded tasks score: dataset -> (class -> label-name substrings).
 SCORED = {"chest_ct": {o: (o,) for o in ORGANS}, "brain_mri": LOBES}
+# The full DRRs of load_embedded("chest_xray") project every slice of the chest CT, its test block included.
+FULL_DRRS = ("chest_xray/drr_pa", "chest_xray/drr_lateral")
 
 
 class LeakError(RuntimeError):
@@ -170,7 +172,11 @@ def block_slices(depth: int, blocks: Sequence[tuple[int, int]], labelled: np.nda
 
 def embedded_split(name: str, key: str, label_map: np.ndarray, label_names: Mapping[int, str]) -> SplitManifest:
     """The block manifest of an embedded volume: the chest CT holds out the middle quarter of its
-    organ slices, the brain MRI interleaved axial blocks (same lobe mix in train and test)."""
+    organ slices, the brain MRI interleaved axial blocks (same lobe mix in train and test). The chest
+    radiographs hold out the full DRRs (they project the chest CT's test block): pretraining reads DRRs of
+    the slabs outside it (:func:`tcm_mim.data.embedded.chest_xray_pretraining`)."""
+    if name == "chest_xray":
+        return SplitManifest("block", test=list(FULL_DRRS))
     scored = SCORED.get(name, {})
     if not scored:
         return SplitManifest("block", scored={})

@@ -59,14 +59,19 @@ def evaluate_encoder(sparse_encoder: nn.Module, task: Task, *, mode: str = "prob
                      batch_size: int = 8, lr: float | None = None, seed: int = 0) -> float:
     """Train a head (``probe``) or head + encoder (``finetune``) on the task's train split; return the test metric."""
     return learning_curve(sparse_encoder, task, mode=mode, steps=steps, every=steps, batch_size=batch_size, lr=lr,
-                          seed=seed)[-1][1]
+                          seed=seed)[-1]["test"]
 
 
 def learning_curve(sparse_encoder: nn.Module, task: Task, *, mode: str = "probe", steps: int = 150,
                    every: int = 25, batch_size: int = 8, lr: float | None = None,
-                   seed: int = 0) -> list[tuple[int, float]]:
-    """[(step, test metric)] every ``every`` steps (and at ``steps``) of one probe / fine-tune run: the curve a
-    step count is chosen from (the last point is what :func:`evaluate_encoder` returns)."""
+                   seed: int = 0) -> list[dict[str, float]]:
+    """[{"step", "validation", "test"}] every ``every`` steps (and at ``steps``) of one probe / fine-tune run.
+
+    ``validation`` is the metric on the task's validation split (carved from the training side; None when the
+    task has none): the curve a step count is chosen from. The schedule is constant (Adam / AdamW, fixed lr) and
+    evaluation runs in eval mode without gradients, so the model at step ``s`` of this run is the model of a run
+    of ``s`` steps: the ``test`` value at ``s`` is what :func:`evaluate_encoder` with ``steps=s`` returns.
+    """
     if mode not in ("probe", "finetune"):
         raise ValueError(f"evaluate_encoder: mode must be 'probe' or 'finetune', got {mode!r}")
     if every < 1:
@@ -78,10 +83,20 @@ def learning_curve(sparse_encoder: nn.Module, task: Task, *, mode: str = "probe"
     model = _Head(encoder, list(sparse_encoder.channels), task, sparse_encoder.stem_stride)
     size = tuple(task.train_images.shape[-2:])
     gen = torch.Generator().manual_seed(seed)
+    splits = {"test": (task.test_images, task.test_targets)}
+    if task.val_images is not None:
+        splits["validation"] = (task.val_images, task.val_targets)
+
+    def point(step: int, logits_of) -> dict[str, float]:
+        with torch.no_grad():
+            scores = {name: _metric(logits_of(name), targets, task) for name, (_, targets) in splits.items()}
+        return {"step": step, "validation": scores.get("validation"), "test": scores["test"]}
+
     if mode == "probe":
         with torch.no_grad():
             train_feats = torch.cat([model.features(x) for x in task.train_images.split(32)])
-            test_feats = torch.cat([model.features(x) for x in task.test_images.split(32)])
+            feats = {name: torch.cat([model.features(x) for x in images.split(32)])
+                     for name, (images, _) in splits.items()}
         opt = torch.optim.Adam(model.fc.parameters(), lr=lr or 1e-2)
         for step in range(1, steps + 1):
             idx = torch.randint(len(train_feats), (min(batch_size * 4, len(train_feats)),), generator=gen)
@@ -90,9 +105,8 @@ def learning_curve(sparse_encoder: nn.Module, task: Task, *, mode: str = "probe"
             loss.backward()
             opt.step()
             if step in at:
-                with torch.no_grad():
-                    logits = torch.cat([model.logits_from(f, size) for f in test_feats.split(32)])
-                curve.append((step, _metric(logits, task.test_targets, task)))
+                curve.append(point(step, lambda name: torch.cat([model.logits_from(f, size)
+                                                                 for f in feats[name].split(32)])))
         return curve
     opt = torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=0.01)
     for step in range(1, steps + 1):
@@ -105,7 +119,6 @@ def learning_curve(sparse_encoder: nn.Module, task: Task, *, mode: str = "probe"
         opt.step()
         if step in at:
             model.eval()
-            with torch.no_grad():
-                logits = torch.cat([model.logits_from(model.features(x), size) for x in task.test_images.split(16)])
-            curve.append((step, _metric(logits, task.test_targets, task)))
+            curve.append(point(step, lambda name: torch.cat([model.logits_from(model.features(x), size)
+                                                             for x in splits[name][0].split(16)])))
     return curve

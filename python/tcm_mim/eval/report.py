@@ -37,22 +37,36 @@ from ..data.split import folds as split_folds
 from ..errors import UserError
 from ..models import SparKMIM, build_encoder
 from ..train import PretrainConfig, Trainer, checkpoint, load_config
-from ..train.config import METHODS, config_from_dict
+from ..train.config import METHODS, ConfigError, config_from_dict
 from .probe import evaluate_encoder, learning_curve
-from .tasks import brain_lobe_task, chest_organ_task, scan_task
+from .compare3d import run_volume_comparison
+from .tasks import brain_lobe_task, chest_organ_task, scan_task, with_label_fraction
 from .volume import VolumeTask, chest_organ_task_3d, evaluate_volume_task
 
 EVALS = (("chest organs, probe (Dice)", "chest", "probe"), ("chest organs, fine-tune (Dice)", "chest", "finetune"),
          ("brain lobes, probe (acc.)", "brain", "probe"))
+SMOOTH = 3  # points of the moving average the step rule reads a validation curve through
+TOLERANCE = 0.01  # the step rule: the first step within 1 % (relative) of the smoothed curve's maximum
+
+
+def eval_label(label: str, fraction: float) -> str:
+    """The score name of an evaluation at a label fraction ("chest organs, fine-tune, 10% labels (Dice)")."""
+    if fraction == 1.0:
+        return label
+    head, metric = label.rsplit(" (", 1)
+    return f"{head}, {100 * fraction:g}% labels ({metric}"
 
 
 def evaluate(encoder, tasks, *, probe_steps: int, finetune_steps: int, seed: int, dim: int = 2,
-             roi: int = 48, curve_every: int = 0, curves: dict | None = None) -> dict[str, float]:
+             roi: int = 48, curve_every: int = 0, curves: dict | None = None, fraction: float = 1.0
+             ) -> dict[str, float]:
     """The embedded tasks' scores: 2-D encoders on the chest and brain tasks, 3-D encoders on the chest
     CT at 3-D (``roi``-sided patches, the pretraining crop, and sliding-window inference).
 
-    ``curve_every`` > 0 (2-D): ``curves[label]`` receives the learning curve [(step, metric)] of each
-    evaluation, whose last point is its score (the same runs, no extra training)."""
+    ``fraction`` < 1 (2-D): the chest task keeps the labels of that share of its training slices
+    (:func:`with_label_fraction`); the brain probe is scored at 1.0 only. ``curve_every`` > 0 (2-D):
+    ``curves[label]`` receives the learning curve [{"step", "validation", "test"}] of each evaluation,
+    whose last point is its score (the same runs, no extra training)."""
     out = {}
     if dim == 3:
         for mode in ("probe", "finetune"):
@@ -62,39 +76,95 @@ def evaluate(encoder, tasks, *, probe_steps: int, finetune_steps: int, seed: int
             out[f"chest 3-D, {mode} (HD95 mm)"] = float(np.nanmean(scores.hd95))
         return out
     for label, task_key, mode in EVALS:
+        if task_key == "brain" and fraction != 1.0:
+            continue
         steps = probe_steps if mode == "probe" else finetune_steps
-        curve = learning_curve(encoder, tasks[task_key], mode=mode, steps=steps, every=curve_every or steps,
-                               seed=seed)
-        out[label] = curve[-1][1]
+        task = with_label_fraction(tasks[task_key], fraction, seed) if task_key == "chest" else tasks[task_key]
+        curve = learning_curve(encoder, task, mode=mode, steps=steps, every=curve_every or steps, seed=seed)
+        out[eval_label(label, fraction)] = curve[-1]["test"]
         if curves is not None and curve_every:
-            curves[label] = curve
+            curves[eval_label(label, fraction)] = curve
     return out
 
 
-def plot_curves(curves: dict[str, list[dict[str, list]]], path: pathlib.Path) -> None:
-    """``curves``: method -> [per seed {label: [(step, metric)]}]; one panel per label, mean over seeds."""
+def converged_step(curve: Sequence[tuple[int, float]], *, smooth: int = SMOOTH, tolerance: float = TOLERANCE) -> int:
+    """The step rule on one validation curve [(step, metric)]: the first step at which the moving average
+    over ``smooth`` points (trailing, fewer at the start) is within ``tolerance`` (relative) of its maximum."""
+    steps = [s for s, _ in curve]
+    values = np.array([v for _, v in curve], dtype=np.float64)
+    smoothed = np.array([values[max(0, i - smooth + 1):i + 1].mean() for i in range(len(values))])
+    return steps[int(np.argmax(smoothed >= (1 - tolerance) * smoothed.max()))]
+
+
+def choose_steps(curves: dict[str, list[dict[str, list[dict]]]]) -> dict[str, dict]:
+    """One step count per evaluation for every method, from the VALIDATION curves only (the test values are
+    never read): per method the mean validation curve over seeds, :func:`converged_step` of each, and the
+    maximum over methods. ``curves``: method -> [per seed {label: [{"step", "validation", "test"}]}].
+    Returns {label: {"steps": chosen, "per_method": {method: step}, "budget": last curve step}}."""
+    chosen = {}
+    for label in next(iter(curves.values()))[0]:
+        per_method = {}
+        for method, runs in curves.items():
+            points = [run[label] for run in runs]
+            if any(p["validation"] is None for run in points for p in run):
+                raise ValueError(f"choose_steps: {method} {label!r} has no validation curve: the task needs a "
+                                 f"validation split to choose a step count from")
+            mean = np.mean([[p["validation"] for p in run] for run in points], axis=0)
+            per_method[method] = converged_step(list(zip([p["step"] for p in points[0]], mean)))
+        chosen[label] = {"steps": max(per_method.values()), "per_method": per_method,
+                         "budget": next(iter(curves.values()))[0][label][-1]["step"]}
+    return chosen
+
+
+def scores_at(curves: dict[str, list[dict[str, list[dict]]]], chosen: dict[str, dict]
+              ) -> dict[str, list[dict[str, float]]]:
+    """method -> [per seed {label: test metric at the chosen step}] (the model of a run of that many steps)."""
+    return {method: [{label: next(p["test"] for p in run[label] if p["step"] == chosen[label]["steps"])
+                      for label in run} for run in runs] for method, runs in curves.items()}
+
+
+def plot_curves(curves: dict[str, list[dict[str, list]]], path: pathlib.Path, chosen: dict | None = None) -> None:
+    """``curves``: method -> [per seed {label: [{"step", "validation", "test"}]}]; one panel per label,
+    the validation metric (the test metric where a task has no validation split), mean over seeds; the
+    chosen step count as a vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(next(iter(curves.values()))[0])
-    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
     for ax, label in zip(axes[0], labels):
+        split = "validation" if next(iter(curves.values()))[0][label][0]["validation"] is not None else "test"
         for method, runs in curves.items():
-            points = np.array([[v for _, v in run[label]] for run in runs])
-            ax.plot([st for st, _ in runs[0][label]], points.mean(0), label=method)
-        ax.set_title(label, fontsize=9)
+            points = np.array([[p[split] for p in run[label]] for run in runs])
+            ax.plot([p["step"] for p in runs[0][label]], points.mean(0), label=method)
+        if chosen and label in chosen:
+            ax.axvline(chosen[label]["steps"], color="k", ls="--", lw=0.8)
+        ax.set_title(f"{label}\n{split}", fontsize=8)
         ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def embedded_tasks(dim: int) -> dict:
-    """The embedded tasks a ``dim``-D encoder is evaluated on (split as pretraining on them is)."""
+def write_curves_csv(curves: dict[str, list[dict[str, list]]], path: pathlib.Path, seeds: Sequence[int]) -> None:
+    """One row per (method, seed, evaluation, step): validation and test metric."""
+    lines = ["method,seed,evaluation,step,validation,test"]
+    for method, runs in curves.items():
+        for seed, run in zip(seeds, runs):
+            for label, curve in run.items():
+                for p in curve:
+                    val = "" if p["validation"] is None else f"{p['validation']:.6f}"
+                    lines.append(f'{method},{seed},"{label}",{p["step"]},{val},{p["test"]:.6f}')
+    path.write_text("\n".join(lines) + "\n")
+
+
+def embedded_tasks(dim: int, *, validation: bool = False) -> dict:
+    """The embedded tasks a ``dim``-D encoder is evaluated on (split as pretraining on them is);
+    ``validation``: the 2-D tasks hold out a validation split of their training side."""
     return {"chest3d": chest_organ_task_3d()} if dim == 3 else \
-        {"chest": chest_organ_task(), "brain": brain_lobe_task()}
+        {"chest": chest_organ_task(validation=validation), "brain": brain_lobe_task(validation=validation)}
 
 
 def _encoder_from_checkpoint(path: pathlib.Path):
@@ -102,8 +172,8 @@ def _encoder_from_checkpoint(path: pathlib.Path):
     state = checkpoint.load(path, required=("model", "config"))
     cfg = config_from_dict(state["config"], source=str(path))
     dim = cfg.spatial_dims
-    model = SparKMIM(build_encoder(cfg.encoder, dim=dim, in_channels=1), dim=dim, in_channels=1,
-                     decoder_width=cfg.decoder_width)
+    model = SparKMIM(build_encoder(cfg.encoder, dim=dim, in_channels=1, drop_path=cfg.drop_path), dim=dim,
+                     in_channels=1, decoder_width=cfg.decoder_width, decoder=cfg.decoder)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:  # missing / unexpected keys or shapes: the file does not match its config
@@ -112,45 +182,113 @@ def _encoder_from_checkpoint(path: pathlib.Path):
     return model.encoder, cfg
 
 
+def parse_run(spec: str) -> tuple[str, str | None, str]:
+    """``METHOD`` or ``NAME=CONFIG.yaml`` (e.g. ``spark_paper=configs/spark_paper.yaml``) -> (row name,
+    config file or None, method); ``random`` is the untrained encoder."""
+    name, sep, path = spec.partition("=")
+    if sep:
+        if not name or not pathlib.Path(path).is_file():
+            raise UserError(f"tcm-eval: --methods NAME=CONFIG needs a name and an existing config file, got {spec!r}")
+        return name, path, load_config(path, []).method
+    if name not in ("random", *METHODS):
+        raise UserError(f"tcm-eval: --methods takes one of {('random', *METHODS)} or NAME=CONFIG.yaml, got {spec!r}")
+    return name, None, "spark" if name == "random" else name
+
+
+def run_config(spec: str, seed: int, steps: int, run_dir: pathlib.Path, overrides: Sequence[str]) -> PretrainConfig:
+    """The pretraining config of one (``spec``, seed) run: the method's defaults or the named config file,
+    then the comparison's budget and ``overrides`` (the same for every run)."""
+    name, path, method = parse_run(spec)
+    return load_config(path, [f"method={method}", f"seed={seed}", f"steps={steps}", f"out_dir={run_dir}",
+                              "image_every=0", *overrides])
+
+
 def run_comparison(methods, seeds, steps, out: pathlib.Path, overrides, probe_steps, finetune_steps, progress=True,
-                   curve_every: int = 0):
-    """Pretrain and evaluate every (method, seed); a run whose ``eval.json`` records the same
-    configuration and evaluation budget is reused, so an interrupted comparison continues.
-    ``curve_every`` > 0: learning curves of every evaluation in ``<out>/curves.png`` / ``curves.json``."""
-    dim = load_config(None, ["method=spark", *overrides]).spatial_dims
-    tasks = embedded_tasks(dim)
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
-    curves: dict[str, list[dict[str, list]]] = {m: [] for m in methods}
-    for method in methods:
-        for seed in seeds:
-            run_dir = out / f"{method}_seed{seed}"
-            base = ["method=spark" if method == "random" else f"method={method}", f"seed={seed}", f"steps={steps}",
-                    f"out_dir={run_dir}", "image_every=0", *overrides]
-            cfg = load_config(None, base)
-            key = {"config": dataclasses.asdict(cfg), "trained": method != "random", "probe_steps": probe_steps,
-                   "finetune_steps": finetune_steps, **({"curve_every": curve_every} if curve_every else {})}
-            done = run_dir / "eval.json"
-            if done.exists() and _with_defaults(json.loads(done.read_text())["key"]) == key:
-                results[method].append(json.loads(done.read_text())["scores"])
-                curves[method].append(json.loads(done.read_text()).get("curves", {}))
-                print(f"{method} seed {seed}: reused {done}", flush=True)
-                continue
-            trainer = Trainer(cfg)
-            if method != "random":  # random: the same architecture, initialised with the same seed, not trained
-                trainer.train(progress=progress)
-            curves[method].append({})
-            results[method].append(evaluate(trainer.model.encoder, tasks, probe_steps=probe_steps,
-                                            finetune_steps=finetune_steps, seed=seed, dim=dim, roi=cfg.image_size,
-                                            curve_every=curve_every, curves=curves[method][-1]))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps({"key": key, "scores": results[method][-1], "curves": curves[method][-1]},
-                                       indent=1))
-            print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
-    write_report(results, out, steps=steps, seeds=seeds)
+                   curve_every: int = 0, fractions: Sequence[float] = (1.0,), select_steps: bool = False):
+    """Pretrain and evaluate every (method, seed) at every label fraction (the fraction is the outer loop, so
+    an interrupted grid has every method at the first fractions). A run whose recorded key (configuration,
+    evaluation budget, fraction) matches is reused, and pretraining resumes from its checkpoint, so an
+    interrupted comparison continues. ``methods``: :func:`parse_run` specs.
+
+    ``curve_every`` > 0: learning curves of every evaluation (validation and test) in ``<out>/curves.png``,
+    ``curves.csv``, ``curves.json``. ``select_steps``: the probe / fine-tune step counts are budgets; one step
+    count per evaluation is chosen for every method from the validation curves (:func:`choose_steps`) and
+    each run's score is its test metric at that step (``<out>/steps.json``)."""
+    if select_steps and not curve_every:
+        raise UserError("tcm-eval: --select-steps chooses the step count from learning curves; give --curve-every")
+    names = [parse_run(m)[0] for m in methods]
+    if len(set(names)) != len(names):
+        raise UserError(f"tcm-eval: --methods names must be distinct, got {names}")
+    dims = {run_config(m, 0, steps, out, overrides).spatial_dims for m in methods}
+    if len(dims) != 1:
+        raise UserError(f"tcm-eval: every run of a comparison must have the same spatial dims, got {sorted(dims)}")
+    dim = dims.pop()
+    if dim == 3:  # the step counts are chosen from validation curves: docs/evaluation.md, 3-D
+        return run_volume_comparison(methods, seeds, steps, out, overrides, probe_steps, finetune_steps,
+                                     every=curve_every or max(1, max(probe_steps, finetune_steps) // 8),
+                                     progress=progress)
+    tasks = embedded_tasks(dim, validation=select_steps)
+    results: dict[str, list[dict[str, float]]] = {n: [{} for _ in seeds] for n in names}
+    curves: dict[str, list[dict[str, list]]] = {n: [{} for _ in seeds] for n in names}
+    for fraction in fractions:
+        for spec, name in zip(methods, names):
+            for i, seed in enumerate(seeds):
+                run_dir = out / f"{name}_seed{seed}"
+                cfg = run_config(spec, seed, steps, run_dir, overrides)
+                key = {"config": dataclasses.asdict(cfg), "trained": name != "random", "probe_steps": probe_steps,
+                       "finetune_steps": finetune_steps, **({"curve_every": curve_every} if curve_every else {}),
+                       **({"label_fraction": fraction, "validation": select_steps} if fraction != 1.0 or
+                          select_steps else {})}
+                done = run_dir / ("eval.json" if fraction == 1.0 else f"eval_labels{fraction:g}.json")
+                if done.exists() and _with_defaults(json.loads(done.read_text())["key"]) == key:
+                    recorded = json.loads(done.read_text())
+                    results[name][i].update(recorded["scores"])
+                    curves[name][i].update(recorded.get("curves", {}))
+                    print(f"{name} seed {seed} labels {fraction:g}: reused {done}", flush=True)
+                    continue
+                trainer = Trainer(cfg)
+                if name != "random":  # random: the same architecture, initialised with the same seed, not trained
+                    try:  # a finished pretraining of this config is read back, an interrupted one continued
+                        trainer.train(resume=True, progress=progress)
+                    except ConfigError:  # the folder holds another config's pretraining: start this one afresh
+                        trainer = Trainer(cfg)
+                        trainer.train(progress=progress)
+                run_curves: dict[str, list] = {}
+                scores = evaluate(trainer.model.encoder, tasks, probe_steps=probe_steps,
+                                  finetune_steps=finetune_steps, seed=seed, dim=dim, roi=cfg.image_size,
+                                  curve_every=curve_every, curves=run_curves, fraction=fraction)
+                results[name][i].update(scores)
+                curves[name][i].update(run_curves)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps({"key": key, "scores": scores, "curves": run_curves}, indent=1))
+                print(f"{name} seed {seed} labels {fraction:g}: {scores}", flush=True)
+    chosen = None
+    if select_steps and dim == 2:
+        chosen = choose_steps(curves)
+        results = scores_at(curves, chosen)
+        (out / "steps.json").write_text(json.dumps(chosen, indent=1))
+    references = [r for r in ("random", "spark") if r in results]
+    write_report(results, out, steps=steps, seeds=seeds, references=references,
+                 notes=_steps_note(chosen) if chosen else None)
     if curve_every and dim == 2:
         (out / "curves.json").write_text(json.dumps(curves, indent=1))
-        plot_curves(curves, out / "curves.png")
+        write_curves_csv(curves, out / "curves.csv", seeds)
+        plot_curves(curves, out / "curves.png", chosen)
     return results
+
+
+def _steps_note(chosen: dict[str, dict]) -> list[str]:
+    lines = ["## Step counts chosen from the validation curves", "",
+             f"Rule: per method, the validation metric averaged over seeds, smoothed by a trailing mean of {SMOOTH} "
+             f"points; its first step within {100 * TOLERANCE:g} % of its maximum; the step count is the maximum "
+             f"over methods, the same for every method. Test scores are read at that step (the run's model after "
+             f"that many steps: constant learning rate, evaluation without gradients).", "",
+             "| evaluation | chosen steps | budget | per method |", "|---|---:|---:|---|"]
+    for label, c in chosen.items():
+        per = ", ".join(f"{m} {s}" for m, s in c["per_method"].items())
+        flag = " (the budget's end: the curve may not have converged)" if c["steps"] == c["budget"] else ""
+        lines.append(f"| {label} | {c['steps']}{flag} | {c['budget']} | {per} |")
+    return lines
 
 
 def _with_defaults(key: dict) -> dict:
@@ -174,6 +312,7 @@ def paired_differences(results: dict[str, list[dict[str, float]]], reference: st
     ref = results[reference]
     lines = [f"## Paired differences to `{reference}` (per seed, 95% bootstrap interval)", "",
              "| row | metric | mean difference | 95% interval | resolved? |", "|---|---|---:|---|---|"]
+    widths: dict[str, list[float]] = {}
     for row, runs in results.items():
         if row == reference:
             continue
@@ -186,6 +325,11 @@ def paired_differences(results: dict[str, list[dict[str, float]]], reference: st
             verdict = "no: the interval holds 0" if lo <= 0 <= hi else "yes"
             lines.append(f"| {row} | {label} | {statistics.fmean(diffs):+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
                          f"{verdict} |")
+            widths.setdefault(label, []).append((hi - lo) / 2)
+    lines.append("")
+    lines.append("Smallest difference resolved (the median half-width of the intervals above, per metric: a "
+                 "paired difference smaller than this is typically inside its interval): " +
+                 "; ".join(f"{label} {statistics.median(w):.3f}" for label, w in widths.items()) + ".")
     lines.append("")
     lines.append(f"Seeds: {len(ref)}. With few seeds the bootstrap interval is coarse (it resamples only "
                  f"{len(ref)} differences); read it as a lower bound on the uncertainty.")
@@ -193,9 +337,11 @@ def paired_differences(results: dict[str, list[dict[str, float]]], reference: st
 
 
 def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title: str | None = None,
-                 reference: str | None = None) -> pathlib.Path:
-    """``<out>/report.md`` (mean ± std per row and metric, paired differences to ``reference``),
-    ``results.json`` and ``report.png``; ``results``: row -> [per seed {metric: value}]."""
+                 reference: str | None = None, references: Sequence[str] | None = None,
+                 notes: Sequence[str] | None = None) -> pathlib.Path:
+    """``<out>/report.md`` (mean ± std per row and metric, paired differences to each of ``references``
+    (default: ``[reference]``, or ``random`` when there is such a row), then ``notes``), ``results.json``
+    and ``report.png``; ``results``: row -> [per seed {metric: value}]."""
     labels = list(next(iter(results.values()))[0])
     title = title or f"Pretraining methods compared ({steps} steps each, seeds {list(seeds)})"
     lines = [f"# {title}", "",
@@ -210,9 +356,14 @@ def write_report(results, out: pathlib.Path, *, steps: int | None, seeds, title:
             summary.setdefault(label, {})[method] = (mean, std)
             cells.append(f"{mean:.3f} ± {std:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    reference = reference if reference is not None else ("random" if "random" in results else None)
-    if reference is not None and len(results) > 1 and len(results[reference]) > 1:
-        lines += ["", *paired_differences(results, reference)]
+    if references is None:
+        reference = reference if reference is not None else ("random" if "random" in results else None)
+        references = [reference] if reference is not None else []
+    for ref in references:
+        if len(results) > 1 and len(results[ref]) > 1:
+            lines += ["", *paired_differences(results, ref)]
+    if notes:
+        lines += ["", *notes]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -378,12 +529,17 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = ArgumentParser(prog="tcm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="evaluate this checkpoint only")
     parser.add_argument("--methods", nargs="+", default=["random", "spark", "tcm", "anatomask", "amlp"],
-                        choices=("random", *METHODS), metavar="METHOD",
-                        help="pretraining methods to compare (random: the untrained encoder)")
+                        metavar="METHOD",
+                        help="pretraining methods to compare (random: the untrained encoder), or NAME=CONFIG.yaml "
+                             "for a run of that config (e.g. spark_paper=configs/spark_paper.yaml); the budget "
+                             "(--steps) and the key=value overrides apply to every run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps per method (same budget)")
-    parser.add_argument("--probe-steps", type=int, default=150)
-    parser.add_argument("--finetune-steps", type=int, default=60)
+    # the step counts chosen from validation curves on the embedded chest task (docs/evaluation.md)
+    parser.add_argument("--probe-steps", type=int, default=200, help="linear-probe steps (with --select-steps: "
+                        "the budget the step count is chosen within)")
+    parser.add_argument("--finetune-steps", type=int, default=400, help="fine-tuning steps (with --select-steps: "
+                        "the budget the step count is chosen within)")
     parser.add_argument("--dataset", default=None,
                         help="with --checkpoint: a labelled folder (with --label-dir) or a prepared corpus")
     parser.add_argument("--label-dir", default=None, help="--dataset folder: label maps with the images' names")
@@ -391,7 +547,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--task", default="segmentation", choices=("segmentation", "classification"))
     parser.add_argument("--folds", type=int, default=1, help="--dataset: cross-validation folds of the test scans")
     parser.add_argument("--label-fraction", type=float, nargs="+", default=[1.0],
-                        help="--dataset: fractions of the training scans whose labels are used")
+                        help="fractions of the training scans (--dataset) or, in a comparison on the embedded "
+                             "tasks, of the chest task's training slices whose labels are used")
     parser.add_argument("--split-seed", type=int, default=0, help="--dataset: seed of the folds")
     parser.add_argument("--size", type=int, default=128, help="--dataset: side slices are padded / cropped to")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
@@ -399,8 +556,13 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--reference", default=None,
                         help="--compare: the row differences are taken to (default: the first)")
     parser.add_argument("--curve-every", type=int, default=0,
-                        help="comparison of 2-D encoders: record the test metric every N probe / fine-tune steps "
-                             "(curves.png, curves.json) to choose the step count from")
+                        help="comparison of 2-D encoders: record the metric every N probe / fine-tune steps "
+                             "(curves.png, curves.csv, curves.json); 3-D encoders: the validation Dice every N "
+                             "steps (default: an eighth of the steps), the step count is chosen from it")
+    parser.add_argument("--select-steps", action="store_true",
+                        help="2-D comparison, with --curve-every: --probe-steps / --finetune-steps are budgets; one "
+                             "step count per evaluation, for every method, is chosen from validation curves (carved "
+                             "from the training side, never the test block) and the test metric is read there")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="PretrainConfig key=value applied to every run")
@@ -444,11 +606,11 @@ def _main(argv: Sequence[str] | None) -> int:
                             title=f"Evaluation of {args.checkpoint} (seed 0)")
         print(path.read_text())
         return 0
-    for method in args.methods:  # every run's config is checked before the first one trains
-        load_config(None, ["method=spark" if method == "random" else f"method={method}", f"steps={args.steps}",
-                           *args.overrides])
+    for spec in args.methods:  # every run's config is checked before the first one trains
+        run_config(spec, args.seeds[0], args.steps, out, args.overrides)
     run_comparison(args.methods, args.seeds, args.steps, out, args.overrides, args.probe_steps, args.finetune_steps,
-                   progress=not args.no_progress, curve_every=args.curve_every)
+                   progress=not args.no_progress, curve_every=args.curve_every, fractions=args.label_fraction,
+                   select_steps=args.select_steps)
     print((out / "report.md").read_text())
     return 0
 

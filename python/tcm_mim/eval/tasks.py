@@ -7,20 +7,27 @@ The embedded tasks take their test slices from the split manifest pretraining us
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..data import Scan, load_embedded, normalize_intensity
-from ..data.split import GUARD, LOBES, ORGANS, SCORED, block_slices, class_map, embedded_split, middle_block
+from ..data.split import GUARD, LOBES, ORGANS, SCORED, block_slices, class_map, embedded_split, label_subset
+from ..data.split import middle_block
 
 __all__ = ["GUARD", "LOBES", "ORGANS", "Task", "brain_lobe_task", "chest_organ_task", "chest_organ_volume",
-           "scan_task"]
+           "scan_task", "validation_blocks", "with_label_fraction"]
+
+VAL_FRACTION = 0.2  # share of the labelled training slices the embedded tasks hold out for validation
 
 @dataclass
 class Task:
-    """images float [M, 1, S, S] in [0, 1]; targets long [M, S, S] (segmentation) or [M] (classification)."""
+    """images float [M, 1, S, S] in [0, 1]; targets long [M, S, S] (segmentation) or [M] (classification).
+
+    ``val_images`` / ``val_targets``: a validation split carved from the training side (disjoint from the
+    training and the test images), what a step count is chosen on; None where the task has none."""
 
     name: str
     kind: str  # "segmentation" | "classification"
@@ -29,6 +36,8 @@ class Task:
     train_targets: torch.Tensor
     test_images: torch.Tensor
     test_targets: torch.Tensor
+    val_images: torch.Tensor | None = None
+    val_targets: torch.Tensor | None = None
 
 
 def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
@@ -56,6 +65,39 @@ def _embedded(name: str):
     return scan, target, classes, train, test
 
 
+def validation_blocks(train: list[int], test: list[int], *, fraction: float = VAL_FRACTION, guard: int = GUARD
+                      ) -> tuple[list[int], list[int]]:
+    """(train, validation) slice indices: the validation slices are the ``fraction`` of the training slices
+    nearest to the test block, half on each side of it (the anatomy closest to what is tested), and a guard
+    band of ``guard`` slices separates them from the remaining training slices (neighbouring slices are
+    near-duplicates). ``train`` / ``test``: the block split's slice indices (:func:`block_slices`)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_blocks: fraction must be in (0, 1), got {fraction}")
+    lo, hi = min(test), max(test)
+    below, above = [k for k in train if k < lo], [k for k in train if k > hi]
+    n = max(2, round(fraction * len(train)))
+    n_below = min(len(below), n // 2) if above else min(len(below), n)
+    n_above = min(len(above), n - n_below)
+    val = below[len(below) - n_below:] + above[:n_above]
+    if not val:
+        raise ValueError(f"validation_blocks: no training slice to validate on (train {train}, test {test})")
+    band = set()
+    for part, n_part in ((below, n_below), (above, n_above)):
+        if n_part:
+            edge = part[len(part) - n_part] if part is below else part[n_part - 1]
+            band |= set(range(edge - guard, edge)) if part is below else set(range(edge + 1, edge + guard + 1))
+    return [k for k in train if k not in val and k not in band], val
+
+
+def with_label_fraction(task: Task, fraction: float, seed: int) -> Task:
+    """The task with the labels of ``max(1, round(fraction * n))`` of its ``n`` training images, chosen from
+    ``seed`` (the few-label setting; the embedded volumes have one scan, so the unit is the slice / crop)."""
+    if fraction == 1.0:
+        return task
+    keep = label_subset(list(range(len(task.train_images))), fraction, seed)
+    return dataclasses.replace(task, train_images=task.train_images[keep], train_targets=task.train_targets[keep])
+
+
 def chest_organ_volume(size: int = 160) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list[int], list[int]]:
     """The chest CT as (image float32 [D, size, size] in [0, 1], organ classes int64 [D, size, size],
     class names with background first, train slice indices, test slice indices (held-out axial block))."""
@@ -64,14 +106,20 @@ def chest_organ_volume(size: int = 160) -> tuple[np.ndarray, np.ndarray, tuple[s
     return volume, _pad_to(target, size), ("background", *classes), train, test
 
 
-def chest_organ_task(size: int = 160) -> Task:
-    """Axial chest-CT slices (2.5 mm, padded to ``size``) with organ classes (background + ORGANS present)."""
+def chest_organ_task(size: int = 160, *, validation: bool = False) -> Task:
+    """Axial chest-CT slices (2.5 mm, padded to ``size``) with organ classes (background + ORGANS present).
+
+    ``validation``: hold out the training slices next to the test block (:func:`validation_blocks`)."""
     volume, target, classes, train, test = chest_organ_volume(size)
+    val = None
+    if validation:
+        train, val = validation_blocks(train, test)
 
     def take(ks):
         return torch.from_numpy(volume[ks])[:, None].float(), torch.from_numpy(target[ks]).long()
 
-    return Task("chest_ct organ segmentation", "segmentation", classes, *take(train), *take(test))
+    return Task("chest_ct organ segmentation", "segmentation", classes, *take(train), *take(test),
+                *(take(val) if val else (None, None)))
 
 
 def stratified_points(classes: np.ndarray, slices: list[int], per_class: int, rng: np.random.Generator
@@ -87,19 +135,24 @@ def stratified_points(classes: np.ndarray, slices: list[int], per_class: int, rn
     return points
 
 
-def brain_lobe_task(crop: int = 32, per_class: int = 96, seed: int = 0) -> Task:
+def brain_lobe_task(crop: int = 32, per_class: int = 96, seed: int = 0, *, validation: bool = False) -> Task:
     """Crops of axial brain-MRI slices classified by the lobe of their centre voxel (AAL3 groups).
 
     Train and test crops come from the interleaved axial blocks of the brain's split manifest (every
     lobe has slices on both sides) and are stratified: ``per_class`` crops of every lobe in each, so
-    train and test have the same class mix (chance accuracy 1 / classes).
+    train and test have the same class mix (chance accuracy 1 / classes). ``validation``: every fifth
+    training slice gives stratified validation crops instead (spread over every level, so the same class mix).
     """
     scan, lobes, classes, train, test = _embedded("brain_mri")
+    val = None
+    if validation:
+        train, val = [k for i, k in enumerate(train) if i % 5 != 2], train[2::5]
     volume = normalize_intensity(scan.image, "MR")
     rng = np.random.default_rng(seed)
     half = crop // 2
     padded = np.pad(volume, ((0, 0), (half, half), (half, half)))
-    n = min(int(np.bincount((lobes[ks]).ravel(), minlength=len(classes) + 1)[1:].min()) for ks in (train, test))
+    n = min(int(np.bincount((lobes[ks]).ravel(), minlength=len(classes) + 1)[1:].min())
+            for ks in (train, test, *([val] if val else [])))
     per_class = min(per_class, n)
 
     def take(ks):
@@ -108,7 +161,8 @@ def brain_lobe_task(crop: int = 32, per_class: int = 96, seed: int = 0) -> Task:
         targets = [lobes[k, y, x] - 1 for k, y, x in points]
         return torch.from_numpy(images)[:, None].float(), torch.tensor(targets, dtype=torch.long)
 
-    return Task("brain_mri lobe classification", "classification", classes, *take(train), *take(test))
+    return Task("brain_mri lobe classification", "classification", classes, *take(train), *take(test),
+                *(take(val) if val else (None, None)))
 
 
 def scan_task(scans: dict[str, Scan], train: list[str], test: list[str], kind: str, *, size: int = 128,
