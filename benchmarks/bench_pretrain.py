@@ -13,6 +13,11 @@ config's encoder (``resnet_tiny``) and ResNet-18. Steps/s is ``1 / median`` of t
 table; ``images_per_s`` in extra_info. ``--benchmark-disable`` (CI) shrinks to 64^2,
 batch 2.
 
+3-D (issue 15), group ``pretrain-step-3d-*``: one step of ``configs/pretrain_tcm3d.yaml`` as shipped
+(``tcm``, ``resenc3d``, 64^3 crops, batch 2: 4 encoder passes of the 2 masked views) against the same config
+with ``backend=reference``; ~1 min per step with one thread on this project's 2-core CPU for ours, so the
+group takes ~15-25 min (7 steps per provider). ``--benchmark-disable``: ``resenc3d_tiny``.
+
 Precision and compile (issue #18), ``resnet_tiny`` only, groups ``pretrain-modes-*``:
 ``fp32`` (eager, the baseline), ``bf16`` (``precision=bf16``, autocast) and ``compiled``
 (``compile=true``, inductor, fp32; compiled during two warm-up steps outside the timing).
@@ -34,6 +39,7 @@ from tcm_mim.train.device import resolve_device
 
 ENCODERS = ["resnet_tiny", "resnet18"]
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain_tcm.yaml"
+CONFIG_3D = CONFIG.with_name("pretrain_tcm3d.yaml")
 
 
 def _overrides(method: str, encoder: str, size: int, batch: int, out_dir) -> list[str]:
@@ -66,6 +72,21 @@ def test_pretrain_step(benchmark, tmp_path_factory, provider, method, encoder):
     trainer = Trainer(load_config(CONFIG, overrides))
     _bench_steps(benchmark, trainer, group=f"pretrain-step-{method}-{encoder}-{size}px-b{batch}", provider=provider,
                  baseline=provider == "reference", method=method, encoder=encoder, image_size=size, batch=batch)
+
+
+@pytest.mark.parametrize("provider", ["reference", "tcm_cpu"])
+def test_pretrain_step_3d(benchmark, tmp_path_factory, provider):
+    overrides = ["steps=1000", "warmup_steps=10", "seed=0", "image_every=0", "checkpoint_every=1000",
+                 f"out_dir={tmp_path_factory.mktemp('bench_pretrain3d')}", "device=cpu", "precision=fp32"]
+    if benchmark.disabled:
+        overrides.append("encoder=resenc3d_tiny")
+    if provider == "reference":
+        overrides.append("backend=reference")
+    cfg = load_config(CONFIG_3D, overrides)
+    trainer = Trainer(cfg)
+    _bench_steps(benchmark, trainer, group=f"pretrain-step-3d-{cfg.method}-{cfg.encoder}-{cfg.image_size}px-"
+                 f"b{cfg.batch_size}", provider=provider, baseline=provider == "reference", method=cfg.method,
+                 encoder=cfg.encoder, image_size=cfg.image_size, batch=cfg.batch_size)
 
 
 @pytest.mark.parametrize("method", ["spark", "tcm"])

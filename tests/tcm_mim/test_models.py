@@ -122,6 +122,7 @@ CASES = [
     ("resnet_tiny", 2, (64, 64), 3),
     ("convnext_tiny", 2, (64, 64), 1),
     ("resnet3d_tiny", 3, (16, 16, 16), 1),
+    ("resenc3d_tiny", 3, (32, 32, 64), 1),  # 32^3-voxel patches: 2 per volume
 ]
 
 
@@ -199,6 +200,7 @@ def test_bad_image_size():
     ("convnext_tiny", 2, (64, 64), 1, None),
     ("resnet3d_tiny", 3, (16, 16, 16), 1, "instance"),
     ("resnet3d_tiny", 3, (16, 16, 16), 1, "batch"),
+    ("resenc3d_tiny", 3, (32, 32, 64), 1, "instance"),
 ])
 def test_compact_layout_equals_masked_dense_layout(name, dim, size, cin, norm):
     """The encoder's compact path (default) and its masked-dense path (backend "reference") agree:

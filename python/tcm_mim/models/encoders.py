@@ -25,8 +25,8 @@ from torch import nn
 
 import tcm_kernels.nn as tnn
 
-from .layers import (BasicBlock, Bottleneck, ConvNeXtBlock, ConvNormAct, PatchifyStem, ResNetStem, SparseMaxPool,
-                     SparseStridedConv, apply, coarse_mask, make_down, make_norm)
+from .layers import (BasicBlock, Bottleneck, ConvNeXtBlock, ConvNormAct, ConvStem, PatchifyStem, ResNetStem,
+                     SparseMaxPool, SparseStridedConv, apply, coarse_mask, make_down, make_norm)
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
@@ -80,6 +80,9 @@ def _drop_path_rates(drop_path: float, blocks: int, owner: str) -> list[float]:
     return torch.linspace(0, drop_path, blocks).tolist() if blocks > 1 else [drop_path]
 
 
+_STEM_STRIDES = {"resnet": ResNetStem.stride, "conv": ConvStem.stride, "patchify": None}  # None: stem_stride
+
+
 class SparseResNet(_StagedEncoder):
     """ResNet sparse encoder (2D or 3D).
 
@@ -92,24 +95,32 @@ class SparseResNet(_StagedEncoder):
     downsampling layers between stages (SparK's ConvNeXt design on ResNet blocks): every layer runs on the
     compact layout, and ``stem_stride`` 2 gives the small patches of the tiny 3-D encoders.
 
+    ``stem="conv"``: nnU-Net's residual encoder (ResEnc, Isensee et al. 2024) / STU-Net: one 3^d conv + norm +
+    activation at full resolution (stride 1), a full-resolution first stage, and the first block of every later
+    stage strided (3^d stride-2 conv; 1^d stride-2 conv + norm projection shortcut). Every layer, the stem's
+    conv included, runs on the compact layout. Downsample ratio 2^(stages - 1).
+
     Args:
         dim: 2 or 3 spatial dims.
         in_channels: image channels.
         block: ``"basic"`` (ResNet-18/34) or ``"bottleneck"`` (ResNet-50).
         depths, widths: blocks and width per stage (output channels = width * expansion).
-        stem: ``"resnet"`` or ``"patchify"``.
-        stem_stride: the patchify stem's stride (the ResNet stem's is 4: conv /2, max-pool /2).
+        stem: ``"resnet"``, ``"patchify"`` or ``"conv"``.
+        stem_stride: the patchify stem's stride (the ResNet stem's is 4: conv /2, max-pool /2; the conv stem's 1).
         norm: ``"batch"`` (SparK), ``"instance"`` (AnatoMask / nnU-Net 3D) or ``"layer"``.
         drop_path: stochastic depth of the last block, growing linearly from 0 at the first (timm's rule;
             SparK pretrains ResNet-50 with 0.05).
+        negative_slope: 0 for ReLU; > 0 for leaky ReLU (nnU-Net: 0.01).
     """
 
     def __init__(self, dim: int = 2, in_channels: int = 1, block: str = "basic", depths: Sequence[int] = (2, 2, 2, 2),
                  widths: Sequence[int] = (64, 128, 256, 512), stem: str = "resnet", stem_stride: int = 4,
-                 norm: str = "batch", drop_path: float = 0.0):
-        if stem not in ("resnet", "patchify"):
-            raise ValueError(f"SparseResNet: stem must be 'resnet' or 'patchify', got {stem!r}")
-        super().__init__(ResNetStem.stride if stem == "resnet" else stem_stride, norm)
+                 norm: str = "batch", drop_path: float = 0.0, negative_slope: float = 0.0):
+        if stem not in _STEM_STRIDES:
+            raise ValueError(f"SparseResNet: stem must be one of {tuple(_STEM_STRIDES)}, got {stem!r}")
+        if not 0 <= negative_slope < 1:
+            raise ValueError(f"SparseResNet: negative_slope must be in [0, 1), got {negative_slope}")
+        super().__init__(_STEM_STRIDES[stem] or stem_stride, norm)
         if dim not in (2, 3):
             raise ValueError(f"SparseResNet: dim must be 2 or 3, got {dim}")
         if block not in BLOCKS or len(depths) != len(widths) or not depths:
@@ -117,8 +128,12 @@ class SparseResNet(_StagedEncoder):
                              f"got {block!r}, {depths}, {widths}")
         rates = _drop_path_rates(drop_path, sum(depths), "SparseResNet")
         cls = BLOCKS[block]
-        self.stem = ResNetStem(in_channels, widths[0], dim, norm) if stem == "resnet" else \
-            PatchifyStem(in_channels, widths[0], stem_stride, dim, norm)
+        if stem == "resnet":
+            self.stem = ResNetStem(in_channels, widths[0], dim, norm)
+        elif stem == "conv":
+            self.stem = ConvStem(in_channels, widths[0], dim, norm, negative_slope)
+        else:
+            self.stem = PatchifyStem(in_channels, widths[0], stem_stride, dim, norm)
         self.downs, self.stages, self.channels = nn.ModuleList(), nn.ModuleList(), []
         cin = widths[0]
         for i, (depth, width) in enumerate(zip(depths, widths)):
@@ -126,8 +141,9 @@ class SparseResNet(_StagedEncoder):
                 self.downs.append(make_down(cin, cin, 2, dim, bias=False))  # a conv follows: no bias needed
             blocks = []
             for j in range(depth):
-                stride = 2 if stem == "resnet" and i > 0 and j == 0 else 1
-                blocks.append(cls(cin, width, dim, norm, stride=stride, drop_path=rates.pop(0)))
+                stride = 2 if stem != "patchify" and i > 0 and j == 0 else 1
+                blocks.append(cls(cin, width, dim, norm, stride=stride, drop_path=rates.pop(0),
+                                  negative_slope=negative_slope))
                 cin = width * cls.expansion
             self.stages.append(nn.ModuleList(blocks))
             self.channels.append(cin)
@@ -164,8 +180,8 @@ class SparseConvNeXt(_StagedEncoder):
 
 
 # Modules that take a SparseTensor: the encoder's own blocks and tcm_kernels' layers.
-_COMPACT_READY = (_StagedEncoder, nn.ModuleList, PatchifyStem, ResNetStem, nn.Conv2d, nn.Conv3d, SparseMaxPool,
-                  SparseStridedConv, _NormDown, ConvNormAct, BasicBlock, Bottleneck, ConvNeXtBlock,
+_COMPACT_READY = (_StagedEncoder, nn.ModuleList, PatchifyStem, ResNetStem, ConvStem, nn.Conv2d, nn.Conv3d,
+                  SparseMaxPool, SparseStridedConv, _NormDown, ConvNormAct, BasicBlock, Bottleneck, ConvNeXtBlock,
                   tnn.SubMConv2d, tnn.SubMConv3d, tnn.SparseDownsample2d, tnn.SparseDownsample3d,
                   tnn.SparseBatchNorm2d, tnn.SparseBatchNorm3d, tnn.SparseSyncBatchNorm, tnn.SparseInstanceNorm2d,
                   tnn.SparseInstanceNorm3d, tnn.SparseGroupNorm, tnn.SparseLayerNorm)
@@ -177,6 +193,13 @@ _CONFIGS = {
     "resnet3d": dict(block="basic", depths=(1, 1, 2, 2), widths=(32, 64, 128, 256), norm="instance", stem="patchify"),
     "resnet3d_tiny": dict(block="basic", depths=(1, 1, 1), widths=(8, 16, 32), norm="instance", stem="patchify",
                           stem_stride=2),
+    # nnU-Net ResEnc M (Isensee et al. 2024, "nnU-Net Revisited"): 6 stages, full-resolution first stage,
+    # instance norm, leaky ReLU 0.01; 32^3-voxel patches.
+    "resenc3d": dict(block="basic", depths=(1, 3, 4, 6, 6, 6), widths=(32, 64, 128, 256, 320, 320), norm="instance",
+                     stem="conv", stem_stride=1, negative_slope=0.01),
+    # Its layout (6 stages, 32^3 patches) at test size: one block per stage, widths 4..32.
+    "resenc3d_tiny": dict(block="basic", depths=(1, 1, 1, 1, 1, 1), widths=(4, 8, 16, 16, 32, 32), norm="instance",
+                          stem="conv", stem_stride=1, negative_slope=0.01),
 }
 _CONVNEXT = {
     "convnext_tiny": dict(depths=(1, 1, 2, 1), widths=(16, 32, 64, 128)),
@@ -196,7 +219,9 @@ def encoder_patch_size(name: str) -> int:
 
 
 def build_encoder(name: str, dim: int = 2, in_channels: int = 1, **overrides) -> _StagedEncoder:
-    """Encoder by name: resnet18, resnet50, resnet_tiny, resnet3d, resnet3d_tiny, convnext_tiny, convnext_small."""
+    """Encoder by name: resnet18, resnet50, resnet_tiny, resnet3d, resnet3d_tiny, resenc3d, resenc3d_tiny,
+    convnext_tiny, convnext_small (``docs/encoders.md``); ``overrides`` replace the named configuration's
+    arguments of :class:`SparseResNet` / :class:`SparseConvNeXt`."""
     if name in _CONFIGS:
         return SparseResNet(dim=dim, in_channels=in_channels, **{**_CONFIGS[name], **overrides})
     if name in _CONVNEXT:

@@ -161,33 +161,47 @@ def pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x: Features) -> Featur
     return x.replace_features(fn(x.features)) if isinstance(x, SparseTensor) else fn(x)
 
 
-def relu_after_norm(x: Features) -> Features:
-    """ReLU; in place on the rows of a SparseTensor coming out of a norm (nothing saves a norm's output for
-    backward, so this spares a full-size allocation per layer)."""
-    return x.replace_features(torch.relu_(x.features)) if isinstance(x, SparseTensor) else torch.relu(x)
+def _act(x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """ReLU, or leaky ReLU (nnU-Net's, slope 0.01) when ``negative_slope`` > 0: both map 0 to 0."""
+    return F.leaky_relu(x, negative_slope) if negative_slope else torch.relu(x)
 
 
-def add_relu(x: Features, skip: Features) -> Features:
-    """relu(x + skip); the residual of a SparseTensor has the same rows (a conv keeps its input's rows)."""
+def _act_(x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """:func:`_act` in place."""
+    return F.leaky_relu_(x, negative_slope) if negative_slope else torch.relu_(x)
+
+
+def relu_after_norm(x: Features, negative_slope: float = 0.0) -> Features:
+    """ReLU (leaky when ``negative_slope`` > 0); in place on the rows of a SparseTensor coming out of a norm
+    (nothing saves a norm's output for backward, so this spares a full-size allocation per layer)."""
     if isinstance(x, SparseTensor):
-        return x.replace_features(torch.relu_(x.features + skip.features))  # add's backward needs no output
-    return torch.relu(x + skip)
+        return x.replace_features(_act_(x.features, negative_slope))
+    return _act(x, negative_slope)
+
+
+def add_relu(x: Features, skip: Features, negative_slope: float = 0.0) -> Features:
+    """relu(x + skip) (leaky when ``negative_slope`` > 0); the residual of a SparseTensor has the same rows
+    (a conv keeps its input's rows)."""
+    if isinstance(x, SparseTensor):  # add's backward needs no output: the activation may run in place
+        return x.replace_features(_act_(x.features + skip.features, negative_slope))
+    return _act(x + skip, negative_slope)
 
 
 class ConvNormAct(nn.Module):
-    """conv -> sparse norm -> ReLU (optional). The conv is submanifold (stride 1) or, with ``stride`` > 1, a
-    :class:`SparseStridedConv` whose output lives on the coarse sites."""
+    """conv -> sparse norm -> ReLU (optional; leaky when ``negative_slope`` > 0). The conv is submanifold
+    (stride 1) or, with ``stride`` > 1, a :class:`SparseStridedConv` whose output lives on the coarse sites."""
 
-    def __init__(self, cin: int, cout: int, k: int, dim: int, norm: str, act: bool = True, stride: int = 1):
+    def __init__(self, cin: int, cout: int, k: int, dim: int, norm: str, act: bool = True, stride: int = 1,
+                 negative_slope: float = 0.0):
         super().__init__()
         self.conv = make_conv(cin, cout, k, dim) if stride == 1 else SparseStridedConv(cin, cout, k, stride, dim)
         self.norm = make_norm(norm, cout, dim)
-        self.act = act
+        self.act, self.negative_slope = act, negative_slope
 
     def forward(self, x: Features, mask: torch.Tensor | None = None) -> Features:
         x, mask = unpack(apply(self.conv, x, mask), mask)
         x = apply(self.norm, x, mask)
-        return relu_after_norm(x) if self.act else x  # relu(0) = 0: inactive sites stay 0
+        return relu_after_norm(x, self.negative_slope) if self.act else x  # act(0) = 0: inactive sites stay 0
 
 
 class _ResidualBlock(nn.Module):
@@ -196,9 +210,10 @@ class _ResidualBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, cout: int, dim: int, norm: str, stride: int, drop_path: float):
+    def __init__(self, cin: int, cout: int, dim: int, norm: str, stride: int, drop_path: float,
+                 negative_slope: float = 0.0):
         super().__init__()
-        self.stride, self.drop_path = stride, drop_path
+        self.stride, self.drop_path, self.negative_slope = stride, drop_path, negative_slope
         self.shortcut = None if cin == cout and stride == 1 else \
             ConvNormAct(cin, cout, 1, dim, norm, act=False, stride=stride)
 
@@ -209,17 +224,19 @@ class _ResidualBlock(nn.Module):
         out_mask = coarse_mask(mask, self.stride) if mask is not None and self.stride > 1 else mask
         skip = x if self.shortcut is None else self.shortcut(x, mask)
         y = drop_path(self.branch(x, mask, out_mask), self.drop_path, self.training)
-        return add_relu(y, skip)
+        return add_relu(y, skip, self.negative_slope)
 
 
 class BasicBlock(_ResidualBlock):
-    """ResNet-18/34 block: two 3^d convs (the first of stride ``stride``) and an identity or projection shortcut."""
+    """ResNet-18/34 block: two 3^d convs (the first of stride ``stride``) and an identity or projection shortcut;
+    ``negative_slope`` > 0 makes its activations leaky (nnU-Net's residual encoders: 0.01)."""
 
     expansion = 1
 
-    def __init__(self, cin: int, width: int, dim: int, norm: str, stride: int = 1, drop_path: float = 0.0):
-        super().__init__(cin, width * self.expansion, dim, norm, stride, drop_path)
-        self.a = ConvNormAct(cin, width, 3, dim, norm, stride=stride)
+    def __init__(self, cin: int, width: int, dim: int, norm: str, stride: int = 1, drop_path: float = 0.0,
+                 negative_slope: float = 0.0):
+        super().__init__(cin, width * self.expansion, dim, norm, stride, drop_path, negative_slope)
+        self.a = ConvNormAct(cin, width, 3, dim, norm, stride=stride, negative_slope=negative_slope)
         self.b = ConvNormAct(width, width * self.expansion, 3, dim, norm, act=False)
 
     def branch(self, x, mask, out_mask):
@@ -231,10 +248,11 @@ class Bottleneck(_ResidualBlock):
 
     expansion = 4
 
-    def __init__(self, cin: int, width: int, dim: int, norm: str, stride: int = 1, drop_path: float = 0.0):
-        super().__init__(cin, width * self.expansion, dim, norm, stride, drop_path)
-        self.a = ConvNormAct(cin, width, 1, dim, norm)
-        self.b = ConvNormAct(width, width, 3, dim, norm, stride=stride)
+    def __init__(self, cin: int, width: int, dim: int, norm: str, stride: int = 1, drop_path: float = 0.0,
+                 negative_slope: float = 0.0):
+        super().__init__(cin, width * self.expansion, dim, norm, stride, drop_path, negative_slope)
+        self.a = ConvNormAct(cin, width, 1, dim, norm, negative_slope=negative_slope)
+        self.b = ConvNormAct(width, width, 3, dim, norm, stride=stride, negative_slope=negative_slope)
         self.c = ConvNormAct(width, width * self.expansion, 1, dim, norm, act=False)
 
     def branch(self, x, mask, out_mask):
@@ -309,6 +327,27 @@ class ResNetStem(nn.Module):
                 x, mask = SparseTensor.from_dense(x, mask), None
         x = relu_after_norm(apply(self.norm, x, mask))
         return unpack(apply(self.pool, x, mask), mask)
+
+
+class ConvStem(nn.Module):
+    """nnU-Net's residual-encoder stem: one 3^d submanifold conv at full resolution (stride 1, no bias: a norm
+    follows), norm, (leaky) ReLU.
+
+    The image comes masked-dense; ``compact=True`` turns it into a SparseTensor of its active voxels
+    (``cin`` channels) first, so the conv already runs on the active rows only.
+    """
+
+    stride = 1
+
+    def __init__(self, cin: int, cout: int, dim: int, norm: str, negative_slope: float = 0.0):
+        super().__init__()
+        self.conv = ConvNormAct(cin, cout, 3, dim, norm, negative_slope=negative_slope)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                compact: bool = False) -> tuple[Features, torch.Tensor | None]:
+        if compact:
+            x, mask = SparseTensor.from_dense(x, mask), None
+        return self.conv(x, mask), mask
 
 
 def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,8 @@ class SparKDecoder(nn.Module):
     """SparK's light decoder (keyu-tian/SparK ``pretrain/decoder.py``): log2(patch) U-Net blocks from the
     deepest scale up, each a transposed conv k4/s2/p1 (bias), then conv3-BN-ReLU6-conv3-BN (no bias); block i
     maps width / 2^i to width / 2^(i+1) channels and first adds the densified (projected) features of scale i;
-    a 1^d conv to the image channels. SparK's width is 768."""
+    a 1^d conv to the image channels. SparK's width is 768. An encoder with a full-resolution stage (nnU-Net's
+    residual encoders: log2(patch) + 1 stages) has its stride-1 features added after the last block."""
 
     def __init__(self, dim: int, channels: list[int], width: int, out_channels: int, patch_size: int):
         super().__init__()
@@ -159,6 +160,8 @@ class SparKDecoder(nn.Module):
             if i < len(feats):
                 x = x + self.proj[i](feats[i])
             x = block(x)
+        if len(feats) > len(self.blocks):  # a full-resolution stage: its features join at image resolution
+            x = x + self.proj[-1](feats[-1])
         return self.head(x)
 
 
